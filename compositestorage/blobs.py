@@ -1,0 +1,49 @@
+"""Blobs go with their oid.
+
+Every child gets the same blob directory (``blob-dir`` in each partition,
+or the composite's ``blob-dir``).  Oids are unique across partitions, so
+the children's bushy layouts never collide, a ZEO client with a shared blob
+directory finds every blob by its composite oid, and a child opened alone
+still finds its own blobs.
+"""
+from ZODB.utils import z64
+
+
+class BlobMethods:
+    """IBlobStorage for a composite; declared only if every child has it."""
+
+    @property
+    def fshelper(self):
+        return self.primary.storage.fshelper
+
+    def temporaryDirectory(self):
+        return self.primary.storage.temporaryDirectory()
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version,
+                  transaction):
+        state, part = self._writable(oid, transaction, 'store a blob for')
+        if oldserial == z64 or oldserial is None:
+            state.new_data[oid] = data
+        data = self.to_child(part, oid, data, state)
+        self._coordinator.begin(state, part)
+        part.storage.storeBlob(oid, oldserial, data, blobfilename, '',
+                               transaction)
+        part.saw_oid(oid)
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
+                    transaction):
+        state, part = self._writable(oid, transaction, 'restore a blob for')
+        if data is not None:
+            state.new_data.setdefault(oid, data)
+            data = self.to_child(part, oid, data, state)
+        self._coordinator.begin(state, part)
+        part.storage.restoreBlob(oid, serial, data, blobfilename, prev_txn,
+                                 transaction)
+        part.saw_oid(oid)
+
+    def loadBlob(self, oid, serial):
+        return self.partition_for(oid).storage.loadBlob(oid, serial)
+
+    def openCommittedBlobFile(self, oid, serial, blob=None):
+        return self.partition_for(oid).storage.openCommittedBlobFile(
+            oid, serial, blob)

@@ -1,0 +1,206 @@
+"""The coordinator: one tid per transaction, begun only where it is needed.
+
+The composite holds its own commit lock from ``tpc_begin`` to
+``tpc_finish``/``tpc_abort``, so children are only ever begun by the thread
+that holds it: their own commit locks can never be taken in a different
+order.  A child is begun, with the composite's tid, the first time the
+transaction writes to it.  Stubs are written at vote, once every store is
+known.  ``lastTransaction()`` moves, and ``func(tid)`` (ZODB's
+invalidations) runs, only after every participant has finished, so a
+reader never starts a snapshot that sees the transaction in only some
+partitions (DESIGN.md, invariants 5 and 6).
+
+Crash atomicity (the journal and recovery) is not here yet: if the process
+dies between two children's ``tpc_finish`` calls, the children disagree.
+"""
+import logging
+import threading
+
+from ZODB.POSException import POSKeyError
+from ZODB.POSException import StorageTransactionError
+from ZODB.utils import newTid
+from ZODB.utils import z64
+
+from compositestorage.partition import is_internal
+from compositestorage.references import class_of
+from compositestorage.stubs import read_stub
+from compositestorage.stubs import stub_record
+
+logger = logging.getLogger(__name__)
+
+
+class TransactionState:
+    """What one composite transaction has done so far."""
+
+    def __init__(self, transaction, tid, status):
+        self.transaction = transaction
+        self.tid = tid
+        self.status = status
+        self.begun = {}          # prefix -> Partition, in order begun
+        self.stubs_needed = {}   # Partition -> set of foreign oids
+        self.new_data = {}       # oid -> data of objects created here
+        self.new_stubs = []      # (Partition, oid, klass) written at vote
+        self.resolved = set()
+
+
+class Coordinator:
+    """Two-phase commit over the partitions of one composite."""
+
+    def __init__(self, storage):
+        self._storage = storage
+        self._commit_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self.state = None
+        #: internal records a child still needs: {Partition: [(oid, data)]}
+        self.pending_init = {}
+
+    # --- phase one ----------------------------------------------------------
+
+    def tpc_begin(self, transaction, tid=None, status=' '):
+        with self._lock:
+            if self.state is not None and \
+                    self.state.transaction is transaction:
+                raise StorageTransactionError(
+                    "Duplicate tpc_begin calls for same transaction")
+        self._commit_lock.acquire()
+        try:
+            storage = self._storage
+            if tid is None:
+                tid = newTid(storage._ltid)
+            state = TransactionState(transaction, tid, status)
+            with self._lock:
+                self.state = state
+        except BaseException:
+            self._commit_lock.release()
+            raise
+
+    def current(self, transaction):
+        """The state of ``transaction``, which must be the one begun."""
+        state = self.state
+        if state is None or state.transaction is not transaction:
+            raise StorageTransactionError(
+                "%r is not the transaction in progress" % (transaction,))
+        return state
+
+    def begin(self, state, part):
+        """Begin ``part``'s child in this transaction, once."""
+        if part.prefix not in state.begun:
+            part.check_writable()
+            part.storage.tpc_begin(state.transaction, state.tid, state.status)
+            state.begun[part.prefix] = part
+        return part.storage
+
+    def write_stubs(self, state):
+        """Store every stub the transaction needs and its child lacks."""
+        storage = self._storage
+        for part, oids in state.stubs_needed.items():
+            for oid in sorted(oids):
+                if oid in part.stubs:
+                    continue
+                if self.committed_stub(part, oid) is not None:
+                    continue
+                home = storage.partition_for(oid, 'reference')
+                data = state.new_data.get(oid)
+                if data is None:
+                    try:
+                        data = home.storage.load(oid)[0]
+                    except POSKeyError:
+                        data = None
+                klass = class_of(data) if data else None
+                self.begin(state, part)
+                part.storage.store(
+                    oid, part.current_serial(oid) or z64,
+                    stub_record(home.name, klass), '', state.transaction)
+                state.new_stubs.append((part, oid, klass))
+
+    def committed_stub(self, part, oid):
+        """``(klass,)`` of the committed stub for ``oid`` in ``part``.
+
+        ``None`` when the child holds no such stub.  The result is cached:
+        stubs are immutable.
+        """
+        try:
+            return (part.stubs[oid],)
+        except KeyError:
+            pass
+        try:
+            data = part.storage.load(oid)[0]
+        except POSKeyError:
+            return None
+        home, klass = read_stub(data, part.name, oid)
+        part.stubs[oid] = klass
+        return (klass,)
+
+    def write_pending_init(self, state):
+        for part, records in list(self.pending_init.items()):
+            if part.read_only:
+                continue
+            self.begin(state, part)
+            for oid, data in records:
+                part.storage.store(oid, part.current_serial(oid) or z64,
+                                   data, '', state.transaction)
+
+    def tpc_vote(self, transaction):
+        state = self.current(transaction)
+        self.write_stubs(state)
+        if self.pending_init:
+            self.write_pending_init(state)
+        if not state.begun:
+            # Invariant 5: even an empty transaction leaves its tid durable.
+            self.begin(state, self._storage.primary)
+        for part in list(state.begun.values()):
+            resolved = part.storage.tpc_vote(transaction)
+            if resolved:
+                state.resolved.update(
+                    oid for oid in resolved
+                    if not is_internal(oid, part.prefix))
+        return list(state.resolved)
+
+    # --- phase two ----------------------------------------------------------
+
+    def tpc_finish(self, transaction, func=None):
+        state = self.current(transaction)
+        storage = self._storage
+        try:
+            error = None
+            for part in state.begun.values():
+                try:
+                    part.storage.tpc_finish(transaction)
+                except Exception as e:  # no journal yet: see module doc
+                    logger.critical(
+                        'partition %r failed in tpc_finish of %s; the '
+                        'partitions may now disagree', part.name,
+                        state.tid.hex(), exc_info=True)
+                    error = error or e
+            for part, oid, klass in state.new_stubs:
+                part.stubs[oid] = klass
+            for part in state.begun.values():
+                self.pending_init.pop(part, None)
+            storage._ltid = state.tid
+            if error is not None:
+                raise error
+            if func is not None:
+                func(state.tid)
+            return state.tid
+        finally:
+            self._end()
+
+    def tpc_abort(self, transaction):
+        with self._lock:
+            state = self.state
+            if state is None or state.transaction is not transaction:
+                return
+        try:
+            for part in state.begun.values():
+                try:
+                    part.storage.tpc_abort(transaction)
+                except Exception:
+                    logger.exception('partition %r failed in tpc_abort',
+                                     part.name)
+        finally:
+            self._end()
+
+    def _end(self):
+        with self._lock:
+            self.state = None
+        self._commit_lock.release()

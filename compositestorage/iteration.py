@@ -1,0 +1,217 @@
+"""The children's histories seen as one: iteration, undo and copying.
+
+Every child writes a composite transaction under the same tid, so merging
+the children's iterators by tid gives the composite's transactions.
+Internal records (stubs and partition maps) are left out everywhere, and
+references come back in composite form.
+"""
+import base64
+import heapq
+
+from ZODB.BaseStorage import DataRecord
+from ZODB.BaseStorage import TransactionRecord
+from ZODB.BaseStorage import copy as base_copy
+from ZODB.FileStorage import FileStorage
+from ZODB.interfaces import IBlobStorage
+
+from compositestorage.partition import is_internal
+
+
+class CompositeTransaction(TransactionRecord):
+    """One composite transaction: the records of every child, merged."""
+
+    def __init__(self, tid, status, user, description, extension, records):
+        TransactionRecord.__init__(self, tid, status, user, description,
+                                   extension)
+        self._records = records
+
+    def __iter__(self):
+        return iter(self._records)
+
+
+class CompositeIterator:
+    """``iterator(start, stop)`` over all partitions, in tid order."""
+
+    def __init__(self, storage, start=None, stop=None):
+        self._storage = storage
+        self._iterators = [(part, part.storage.iterator(start, stop))
+                           for part in storage.partitions]
+        self._merged = self._merge()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._merged)
+
+    next = __next__
+
+    def close(self):
+        for _, it in self._iterators:
+            close = getattr(it, 'close', None)
+            if close is not None:
+                close()
+
+    def _stream(self, index, part, it):
+        for txn in it:
+            # Read the records now: the child's iterator moves on.
+            records = [r for r in txn if not is_internal(r.oid, part.prefix)]
+            yield txn.tid, index, part, txn, records
+
+    def _merge(self):
+        streams = [self._stream(i, part, it)
+                   for i, (part, it) in enumerate(self._iterators)]
+        group = []
+        for item in heapq.merge(*streams, key=lambda item: item[:2]):
+            if group and group[0][0] != item[0]:
+                yield self._transaction(group)
+                group = []
+            group.append(item)
+        if group:
+            yield self._transaction(group)
+        self.close()
+
+    def _transaction(self, group):
+        from_child = self._storage.from_child
+        records = []
+        for tid, _, part, txn, child_records in group:
+            for r in child_records:
+                records.append(DataRecord(
+                    r.oid, r.tid, from_child(part, r.data), r.data_txn))
+        first = group[0][3]
+        return CompositeTransaction(
+            first.tid, first.status, first.user, first.description,
+            first.extension, records)
+
+
+def _find_own(storage, index, token):
+    """The first own record at or after ``(index, token)``.
+
+    Returns ``(index, token_used, record, token_after)`` or ``None``.
+    """
+    parts = storage.partitions
+    while index < len(parts):
+        part = parts[index]
+        child = part.storage
+        ordered = isinstance(child, FileStorage)
+        if token is None and ordered:
+            token = bytes((part.prefix,)) + b'\0' * 7
+        while True:
+            try:
+                record = child.record_iternext(token)
+            except (ValueError, KeyError, IndexError):
+                break
+            oid, tid, data, after = record
+            if ordered and oid[0] > part.prefix:
+                break
+            if not is_internal(oid, part.prefix):
+                return index, token, record, after
+            if after is None:
+                break
+            token = after
+        index += 1
+        token = None
+    return None
+
+
+def record_iternext(storage, next=None):
+    """IStorageCurrentRecordIteration over every partition's own records."""
+    index, token = next if next is not None else (0, None)
+    found = _find_own(storage, index, token)
+    if found is None:
+        raise ValueError('no more records')
+    index, _, (oid, tid, data, after) = found[:3]
+    if after is None:
+        following = _find_own(storage, index + 1, None)
+    else:
+        following = _find_own(storage, index, after)
+    nxt = None if following is None else following[:2]
+    part = storage.partitions[index]
+    return oid, tid, storage.from_child(part, data), nxt
+
+
+# --- undo -----------------------------------------------------------------------
+
+def tid_of(transaction_id):
+    """The tid behind an undo id (FileStorage uses base64)."""
+    if isinstance(transaction_id, str):
+        transaction_id = transaction_id.encode('ascii')
+    if len(transaction_id) == 8:
+        return transaction_id
+    return base64.decodebytes(transaction_id + b'\n')
+
+
+def _touched(part, tid):
+    """Whether ``part``'s child holds visible records of transaction tid."""
+    it = part.storage.iterator(tid, tid)
+    try:
+        for txn in it:
+            if txn.tid == tid:
+                return any(not is_internal(r.oid, part.prefix) for r in txn)
+        return False
+    finally:
+        close = getattr(it, 'close', None)
+        if close is not None:
+            close()
+
+
+def undo(storage, transaction_id, transaction):
+    """Undo a composite transaction in every partition it touched.
+
+    A child's undo may remove internal records its transaction created (a
+    stub, a partition map), while later records still use them; those are
+    written again, unchanged, in the same transaction.
+    """
+    coordinator = storage._coordinator
+    state = coordinator.current(transaction)
+    tid = tid_of(transaction_id)
+    oids = []
+    for part in storage.partitions:
+        if not _touched(part, tid):
+            continue
+        coordinator.begin(state, part)
+        _, child_oids = part.storage.undo(transaction_id, transaction)
+        for oid in child_oids:
+            if is_internal(oid, part.prefix):
+                data, serial = part.storage.load(oid)
+                part.storage.store(oid, serial, data, '', transaction)
+            else:
+                oids.append(oid)
+    return state.tid, oids
+
+
+def undo_log(storage, first=0, last=-20, filter=None):
+    if last < 0:
+        last = first - last
+    entries = {}
+    for part in storage.partitions:
+        for entry in part.storage.undoLog(0, last, filter):
+            entries.setdefault(entry['id'], entry)
+    merged = sorted(entries.values(), key=lambda e: tid_of(e['id']),
+                    reverse=True)
+    return merged[first:last]
+
+
+def undo_info(storage, first=0, last=-20, specification=None):
+    if specification:
+        spec = list(specification.items())
+
+        def filter(desc):
+            return all(desc.get(k) == v for k, v in spec)
+    else:
+        filter = None
+    return undo_log(storage, first, last, filter)
+
+
+def copy_transactions(source, destination):
+    """``copyTransactionsFrom``: blobs included when both sides have them."""
+    if IBlobStorage.providedBy(destination) and \
+            IBlobStorage.providedBy(source):
+        from ZODB.blob import copyTransactionsFromTo
+        copyTransactionsFromTo(source, destination)
+    else:
+        base_copy(source, destination)
+
+
+__all__ = ['CompositeIterator', 'record_iternext', 'undo', 'undo_log',
+           'undo_info', 'copy_transactions']

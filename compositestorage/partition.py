@@ -1,0 +1,200 @@
+"""A partition: a name, a prefix byte and a child storage.
+
+The partition allocates its own oids (DESIGN.md, invariant 1): the child's
+``new_oid`` is never asked, because a child that holds stubs for foreign
+oids would hand out oids in other partitions' ranges.  The next oid is
+derived from the child when the partition opens.
+
+Each child keeps one internal record of its own, the partition map, at the
+top oid of its prefix range.  It says which partition of which composite the
+child belongs to, so a renamed, renumbered or doubly used child is refused.
+"""
+import io
+import threading
+
+import persistent
+from ZODB.FileStorage import FileStorage
+from ZODB.MappingStorage import MappingStorage
+from ZODB.POSException import POSKeyError
+from ZODB.utils import p64
+from ZODB.utils import u64
+from zodbpickle.pickle import Pickler
+
+from compositestorage.errors import CorruptRecordError
+from compositestorage.errors import PartitionFullError
+from compositestorage.errors import ReadOnlyPartitionError
+from compositestorage.errors import oid_hex
+from compositestorage.stubs import load_internal_record
+
+MAX_PREFIX = 0x7f
+MAP_SUFFIX = b'\xff' * 7
+
+
+def map_oid(prefix):
+    """The oid of the partition-map record in partition ``prefix``."""
+    return bytes((prefix,)) + MAP_SUFFIX
+
+
+def is_internal(oid, prefix):
+    """Whether ``oid`` in the child of partition ``prefix`` is internal.
+
+    Stubs sit at foreign oids and the map at the top of the own range.
+    """
+    return oid[0] != prefix or oid[1:] == MAP_SUFFIX
+
+
+class PartitionMap(persistent.Persistent):
+    """The partition map a child records, as a plain ZODB sees it."""
+
+    def __repr__(self):
+        return '<PartitionMap %r of composite %r>' % (
+            getattr(self, 'partition', None), getattr(self, 'composite', None))
+
+
+def map_record(state):
+    f = io.BytesIO()
+    p = Pickler(f, 3)
+    p.dump(PartitionMap)
+    p.dump(state)
+    return f.getvalue()
+
+
+def read_map_record(data):
+    return load_internal_record(data, PartitionMap)
+
+
+class Partition:
+    """One child storage of a composite, and what the composite knows of it.
+
+    ``stubs`` caches the class hint of every committed stub seen in this
+    child; stubs are immutable, so the cache never needs invalidating
+    except when a pack removes them.
+    """
+
+    def __init__(self, name, prefix, storage, read_only=False):
+        self.name = name
+        self.prefix = prefix
+        self.storage = storage
+        self.read_only = bool(read_only or storage.isReadOnly())
+        self.map_oid = map_oid(prefix)
+        self._base = prefix << 56
+        self._limit = u64(self.map_oid)
+        self._next = None
+        self._oid_lock = threading.Lock()
+        self.stubs = {}
+
+    def __repr__(self):
+        return '<Partition %s prefix=%d %s>' % (
+            self.name, self.prefix, self.storage.getName())
+
+    def owns(self, oid):
+        return oid[0] == self.prefix
+
+    def check_writable(self, oid=None):
+        if self.read_only:
+            raise ReadOnlyPartitionError(self.name, self.prefix, oid)
+
+    # --- oid allocation ---------------------------------------------------
+
+    def new_oid(self):
+        with self._oid_lock:
+            if self._next is None:
+                top = self.max_own_oid()
+                self._next = max(u64(top) + 1 if top else 0, self._base + 1)
+            if self._next >= self._limit:
+                raise PartitionFullError(self.name, self.prefix)
+            oid = p64(self._next)
+            self._next += 1
+            return oid
+
+    def saw_oid(self, oid):
+        """Keep allocation above an oid stored by a caller (restore, copy)."""
+        n = u64(oid)
+        if self._next is not None and n >= self._next and n < self._limit:
+            with self._oid_lock:
+                if n >= self._next:
+                    self._next = n + 1
+
+    def max_own_oid(self):
+        """The highest oid of this partition's own objects, or ``None``."""
+        child = self.storage
+        below = p64(self._limit - 1)
+        if isinstance(child, FileStorage):
+            try:
+                oid = child._index.maxKey(below)
+            except ValueError:
+                return None
+            return oid if oid[0] == self.prefix else None
+        best = None
+        for oid in self._own_oids():
+            if best is None or oid > best:
+                best = oid
+        return best
+
+    def _own_oids(self):
+        child = self.storage
+        if isinstance(child, MappingStorage):
+            oids = list(child._data)
+        else:
+            oids = []
+            token = None
+            while True:
+                try:
+                    oid, _, _, token = child.record_iternext(token)
+                except (ValueError, KeyError):
+                    break
+                oids.append(oid)
+                if token is None:
+                    break
+        return [oid for oid in oids
+                if oid[0] == self.prefix and oid != self.map_oid]
+
+    def count_own(self):
+        """The number of this partition's own objects (no internal ones)."""
+        child = self.storage
+        if isinstance(child, FileStorage):
+            index = child._index
+            lo = bytes((self.prefix,)) + b'\0' * 5
+            hi = bytes((self.prefix,)) + b'\xff' * 5
+            n = sum(len(tree) for tree in index._data.values(lo, hi))
+            if self.map_oid in index:
+                n -= 1
+            return n
+        return len(self._own_oids())
+
+    # --- the partition map ------------------------------------------------
+
+    def read_map(self):
+        """The partition map this child records, or ``None``."""
+        try:
+            data, _ = self.storage.load(self.map_oid)
+        except POSKeyError:
+            return None
+        try:
+            return read_map_record(data)
+        except Exception as e:
+            raise CorruptRecordError(
+                'partition %r: the record at %s is not a readable partition '
+                'map (%s); this child was not written by compositestorage '
+                'or is damaged' % (self.name, oid_hex(self.map_oid), e))
+
+    def current_serial(self, oid):
+        """The tid of ``oid``'s last record in this child, deleted or not.
+
+        A store over a deleted record must name that record's tid.
+        """
+        child = self.storage
+        try:
+            return child.load(oid)[1]
+        except POSKeyError:
+            pass
+        try:
+            return child.getTid(oid)
+        except (POSKeyError, KeyError):
+            pass
+        if isinstance(child, FileStorage):
+            with child._lock:
+                pos = child._index.get(oid)
+                if pos:
+                    return child._read_data_header(pos, oid).tid
+        return None

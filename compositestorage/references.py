@@ -1,0 +1,265 @@
+"""Finding and rewriting persistent references in ZODB records.
+
+A ZODB record is two pickles (the class metadata, then the state) written by
+one pickler, so they share one memo.  Persistent references appear in them as
+persistent ids, in these forms (see ``ZODB.serialize``):
+
+* ``oid``                   -- plain reference (persistent classes)
+* ``(oid, klass)``          -- reference with a class hint
+* ``['w', (oid,)]``, ``[oid]`` -- weak references (current and legacy)
+* ``['w', (oid, db)]``, ``['m', (db, oid, klass)]``, ``['n', (db, oid)]``
+  -- references into another database, which we leave alone.
+
+The stub for target ``T`` in partition ``A`` lives at oid ``T`` itself, so a
+cross-partition reference never changes its oid.  Only the class hint of the
+``(oid, klass)`` form changes: in the child it names
+:class:`~compositestorage.stubs.PartitionStub`, so a plain ZODB opening the
+child alone sees a stub rather than an object of the wrong class.
+
+Scanning uses the C unpickler's ``noload`` (no class is ever imported).
+Rewriting works on opcodes, and only runs for records that need it.
+"""
+import io
+import pickletools
+
+from ZODB._compat import PersistentUnpickler
+
+from compositestorage.errors import CorruptRecordError
+
+#: The global that names the stub class, as it appears in a GLOBAL opcode.
+STUB_MODULE = 'compositestorage.stubs'
+STUB_NAME = 'PartitionStub'
+STUB_GLOBAL = (STUB_MODULE, STUB_NAME)
+#: Bytes that every record holding a stub reference contains.  Records
+#: without them come back from a child byte for byte, unparsed.
+STUB_MARK = ('%s\n%s\n' % STUB_GLOBAL).encode('ascii')
+
+
+def _oid_bytes(oid):
+    if isinstance(oid, str):  # Python 2 pickles
+        return oid.encode('latin-1')
+    return oid
+
+
+def persistent_ids(data):
+    """Return every persistent id in a record, in pickle order.
+
+    Classes in tuple forms come back as ``None``: ``noload`` does not
+    import anything.
+    """
+    refs = []
+    u = PersistentUnpickler(None, refs.append, io.BytesIO(data))
+    u.noload()
+    u.noload()
+    return refs
+
+
+def crossing(data, prefix):
+    """Scan a record that is to be stored in partition ``prefix``.
+
+    Returns ``(foreign, hinted)``: the set of oids referenced from another
+    partition (strong and weak alike, for each needs a stub in this
+    partition), and whether any of them is referenced with a class hint,
+    which is what makes the record need rewriting.  Both are empty/false
+    for the common record, which is then stored as it is.
+    """
+    foreign = None
+    hinted = False
+    for ref in persistent_ids(data):
+        if isinstance(ref, tuple):
+            oid = ref[0]
+            hint = True
+        elif isinstance(ref, list):
+            if len(ref) == 1:
+                oid = ref[0]                # legacy weak reference
+            elif ref[0] == 'w' and len(ref[1]) == 1:
+                oid = ref[1][0]
+            else:
+                continue                    # another database's reference
+            hint = False
+        else:
+            oid = ref
+            hint = False
+        oid = _oid_bytes(oid)
+        if oid[0] != prefix:
+            if foreign is None:
+                foreign = set()
+            foreign.add(oid)
+            hinted = hinted or hint
+    return foreign or (), hinted
+
+
+def strong_and_weak_oids(data):
+    """Every oid a record refers to in this database: ``(strong, weak)``."""
+    strong = []
+    weak = []
+    for ref in persistent_ids(data):
+        if isinstance(ref, tuple):
+            strong.append(_oid_bytes(ref[0]))
+        elif isinstance(ref, list):
+            if len(ref) == 1:
+                weak.append(_oid_bytes(ref[0]))
+            elif ref[0] == 'w' and len(ref[1]) == 1:
+                weak.append(_oid_bytes(ref[1][0]))
+        else:
+            strong.append(_oid_bytes(ref))
+    return strong, weak
+
+
+# --- opcode-level rewriting -------------------------------------------------
+
+_MARK = object()
+_GETS = frozenset(('GET', 'BINGET', 'LONG_BINGET'))
+_PUTS = frozenset(('PUT', 'BINPUT', 'LONG_BINPUT', 'MEMOIZE'))
+_TUPLES = {'TUPLE1': 1, 'TUPLE2': 2, 'TUPLE3': 3}
+_BYTES = frozenset(('SHORT_BINBYTES', 'BINBYTES', 'BINBYTES8',
+                    'SHORT_BINSTRING', 'BINSTRING', 'STRING'))
+
+
+class _Entry:
+    """What the rewriter knows of one stack item."""
+    __slots__ = ('kind', 'value', 'start', 'end', 'put_end')
+
+    def __init__(self, kind, value=None, start=0, end=0):
+        self.kind = kind          # 'bytes', 'global', 'tuple' or None
+        self.value = value
+        self.start = start        # span of the op that pushed it
+        self.end = end
+        self.put_end = None       # end of a PUT right after a GLOBAL
+
+
+def _global_op(klass):
+    return ('c%s\n%s\n' % klass).encode('utf-8')
+
+
+def rewrite_class_hints(data, replace):
+    """Rewrite the class hints of ``(oid, klass)`` persistent ids.
+
+    ``replace(oid, klass)`` gets the oid and the ``(module, name)`` of each
+    hint and returns a new ``(module, name)``, or ``None`` to keep it.
+    Returns ``data`` itself when nothing changed.
+
+    A GLOBAL that the pickle memoizes for later use keeps its memo slot: it
+    is written, memoized and popped, and the new global follows, so every
+    later GET still finds the original class.
+    """
+    ops = []
+    f = io.BytesIO(data)
+    try:
+        while f.tell() < len(data):
+            ops.extend(pickletools.genops(f))
+    except Exception as e:
+        raise CorruptRecordError('cannot parse pickle: %s' % e)
+    ends = [pos for _, _, pos in ops[1:]] + [len(data)]
+
+    edits = []                 # (start, end, replacement bytes)
+    memo = {}
+    stack = []
+    for i, (op, arg, pos) in enumerate(ops):
+        end = ends[i]
+        name = op.name
+        if name == 'STOP':
+            stack = []
+            continue
+        if name in _PUTS:
+            key = len(memo) if name == 'MEMOIZE' else arg
+            if stack:
+                top = stack[-1]
+                memo[key] = top
+                if top.kind == 'global' and top.end == pos:
+                    top.put_end = end
+            continue
+        if name in _GETS:
+            src = memo.get(arg)
+            e = _Entry(src.kind if src else None,
+                       src.value if src else None, pos, end)
+            stack.append(e)
+            continue
+        if name in _BYTES:
+            stack.append(_Entry('bytes', _oid_bytes(arg), pos, end))
+            continue
+        if name == 'GLOBAL':
+            module, _, gname = arg.partition(' ')
+            stack.append(_Entry('global', (module, gname), pos, end))
+            continue
+        if name in _TUPLES:
+            n = _TUPLES[name]
+            items = stack[-n:]
+            del stack[-n:]
+            stack.append(_Entry('tuple', items, pos, end))
+            continue
+        if name == 'TUPLE':
+            items = []
+            while stack and stack[-1] is not _MARK:
+                items.append(stack.pop())
+            if stack:
+                stack.pop()
+            items.reverse()
+            stack.append(_Entry('tuple', items, pos, end))
+            continue
+        if name == 'BINPERSID':
+            pid = stack.pop() if stack else None
+            if (pid is not None and pid.kind == 'tuple'
+                    and len(pid.value) == 2
+                    and pid.value[0].kind == 'bytes'
+                    and pid.value[1].kind == 'global'):
+                oid_e, klass_e = pid.value
+                new = replace(oid_e.value, klass_e.value)
+                if new is not None and tuple(new) != klass_e.value:
+                    if klass_e.put_end is not None:
+                        # keep the memoized original, then swap it out
+                        edits.append((
+                            klass_e.start, klass_e.put_end,
+                            data[klass_e.start:klass_e.put_end]
+                            + b'0'   # POP
+                            + _global_op(new)))
+                    else:
+                        edits.append((klass_e.start, klass_e.end,
+                                      _global_op(new)))
+            stack.append(_Entry(None, None, pos, end))
+            continue
+        # Any other opcode: apply its stack effect generically.
+        before = op.stack_before
+        if pickletools.markobject in before or (
+                name == 'POP' and stack and stack[-1] is _MARK):
+            while stack and stack[-1] is not _MARK:
+                stack.pop()
+            if stack:
+                stack.pop()
+            try:
+                numtopop = before.index(pickletools.markobject)
+            except ValueError:
+                numtopop = 0
+        else:
+            numtopop = len(before)
+        if numtopop:
+            del stack[-numtopop:]
+        for item in op.stack_after:
+            stack.append(_MARK if item is pickletools.markobject
+                         else _Entry(None, None, pos, end))
+
+    if not edits:
+        return data
+    out = []
+    last = 0
+    for start, end, new in edits:
+        out.append(data[last:start])
+        out.append(new)
+        last = end
+    out.append(data[last:])
+    return b''.join(out)
+
+
+def class_of(data):
+    """The ``(module, name)`` of a record's class, without importing it.
+
+    ``None`` for a record whose class is itself a persistent object.
+    """
+    from ZODB.utils import get_pickle_metadata
+    try:
+        module, name = get_pickle_metadata(data)
+    except Exception:
+        return None
+    if not module or not name:
+        return None
+    return module, name

@@ -1,0 +1,493 @@
+"""The IStorage surface of a composite, delegating to the modules beside it.
+
+Routing is by the oid's first byte: the prefix of the oid's home partition
+(DESIGN.md, invariant 1).  ``references`` rewrites class hints, ``commit``
+coordinates the children, ``iteration`` merges them, ``gc`` packs them and
+``blobs`` routes blobs.
+"""
+import logging
+import os
+import uuid
+
+import zope.interface
+from ZODB import POSException
+from ZODB.interfaces import IBlobStorage
+from ZODB.interfaces import IExternalGC
+from ZODB.interfaces import IMultiCommitStorage
+from ZODB.interfaces import IStorage
+from ZODB.interfaces import IStorageCurrentRecordIteration
+from ZODB.interfaces import IStorageIteration
+from ZODB.interfaces import IStorageRestoreable
+from ZODB.interfaces import IStorageUndoable
+from ZODB.utils import p64
+from ZODB.utils import u64
+from ZODB.utils import z64
+
+from compositestorage import blobs
+from compositestorage import gc
+from compositestorage import iteration
+from compositestorage.commit import Coordinator
+from compositestorage.errors import ConfigurationError
+from compositestorage.errors import PartitionMapError
+from compositestorage.errors import UnknownPartitionError
+from compositestorage.errors import oid_hex
+from compositestorage.partition import MAX_PREFIX
+from compositestorage.partition import Partition
+from compositestorage.partition import is_internal
+from compositestorage.partition import map_record
+from compositestorage.placement import make_policy
+from compositestorage.references import STUB_GLOBAL
+from compositestorage.references import STUB_MARK
+from compositestorage.references import class_of
+from compositestorage.references import crossing
+from compositestorage.references import rewrite_class_hints
+from compositestorage.stubs import stub_record
+
+logger = logging.getLogger(__name__)
+
+#: Root class a fresh ZODB.DB creates; the root stub names it until the
+#: primary holds a root.
+ROOT_CLASS = ('persistent.mapping', 'PersistentMapping')
+
+
+class CompositeStorage(blobs.BlobMethods):
+    """One ZODB storage made of several child storages, called partitions.
+
+    ``partitions`` is a sequence of :class:`Partition` objects or of
+    ``(name, prefix, storage)`` tuples.  Exactly one has prefix 0: the
+    primary, which holds the root.
+    """
+
+    def __init__(self, partitions, name=None, placement='default',
+                 default_partition=None, read_only=False, pack_gc=True):
+        parts = [p if isinstance(p, Partition) else Partition(*p)
+                 for p in partitions]
+        check_partitions(parts)
+        self.partitions = sorted(parts, key=lambda p: p.prefix)
+        self._by_prefix = {p.prefix: p for p in self.partitions}
+        self._by_name = {p.name: p for p in self.partitions}
+        self.primary = self._by_prefix[0]
+        if default_partition is None:
+            self.default_partition = self.primary
+        elif default_partition in self._by_name:
+            self.default_partition = self._by_name[default_partition]
+        else:
+            raise ConfigurationError(
+                'default-partition %r is not a configured partition '
+                '(configured: %s)' % (default_partition, self._names()))
+        self._read_only = bool(read_only)
+        if self._read_only:
+            for p in self.partitions:
+                p.read_only = True
+        self._pack_gc = pack_gc
+        self.__name__ = name or 'Composite(%s)' % ', '.join(
+            '%s=%s' % (p.name, p.storage.getName()) for p in self.partitions)
+        self._ltid = max([z64] + [p.storage.lastTransaction()
+                                  for p in self.partitions])
+        self._coordinator = Coordinator(self)
+        self._policy = make_policy(placement, self)
+        self._db = None
+        self.identity = None
+        self._check_maps()
+        self._declare_interfaces()
+
+    # --- set-up ---------------------------------------------------------------
+
+    def _names(self):
+        return ', '.join('%s=%d' % (p.name, p.prefix)
+                         for p in self.partitions)
+
+    def _check_maps(self):
+        """Refuse children that belong elsewhere; plan maps for new ones.
+
+        Records for children that lack them are written inside the next
+        transaction, so a fresh composite has written nothing at all.
+        """
+        maps = {p: p.read_map() for p in self.partitions}
+        configured = {p.name: p.prefix for p in self.partitions}
+        identities = {m['composite'] for m in maps.values() if m}
+        primary_map = maps[self.primary]
+        if primary_map:
+            self.identity = primary_map['composite']
+        elif identities:
+            self.identity = sorted(identities)[0]
+        else:
+            self.identity = uuid.uuid4().hex
+        for part, recorded in maps.items():
+            if not recorded:
+                continue
+            if (recorded.get('partition'), recorded.get('prefix')) != \
+                    (part.name, part.prefix):
+                raise PartitionMapError(
+                    'partition %r (prefix %d) is configured on %s, but that '
+                    'child records itself as partition %r (prefix %s) of '
+                    'composite %s; sections must not be renamed, renumbered '
+                    'or pointed at another partition\'s storage'
+                    % (part.name, part.prefix, part.storage.getName(),
+                       recorded.get('partition'), recorded.get('prefix'),
+                       recorded.get('composite')))
+            if recorded['composite'] != self.identity:
+                raise PartitionMapError(
+                    'partition %r (%s) belongs to composite %s, but partition '
+                    '%r belongs to composite %s; a child cannot be moved '
+                    'between composites'
+                    % (part.name, part.storage.getName(),
+                       recorded['composite'], self.primary.name,
+                       self.identity))
+            for other, prefix in recorded.get('partitions', {}).items():
+                if other in configured and configured[other] != prefix:
+                    raise PartitionMapError(
+                        'partition %r is configured with prefix %d, but %r '
+                        'records it with prefix %d; renumbering would remap '
+                        'data' % (other, configured[other], part.name,
+                                  prefix))
+                if other not in configured:
+                    raise PartitionMapError(
+                        'partition %r (prefix %d), recorded by partition %r, '
+                        'is not configured; objects in it would be '
+                        'unreachable: add its section back'
+                        % (other, prefix, part.name))
+        if self._read_only:
+            return
+        root_class = self._root_class()
+        for part, recorded in maps.items():
+            state = {'composite': self.identity, 'partition': part.name,
+                     'prefix': part.prefix, 'partitions': configured,
+                     'format': 1}
+            if recorded == state or part.read_only:
+                continue
+            records = [(part.map_oid, map_record(state))]
+            if recorded is None and part is not self.primary:
+                records.append((z64, stub_record(self.primary.name,
+                                                  root_class)))
+            self._coordinator.pending_init[part] = records
+
+    def _root_class(self):
+        try:
+            data = self.primary.storage.load(z64)[0]
+        except POSException.POSKeyError:
+            return ROOT_CLASS
+        return class_of(data) or ROOT_CLASS
+
+    def _declare_interfaces(self):
+        children = [p.storage for p in self.partitions]
+        provided = [IStorage, IMultiCommitStorage]
+        if all(IStorageIteration.providedBy(c) for c in children):
+            provided.append(IStorageIteration)
+        if all(IStorageRestoreable.providedBy(c) for c in children):
+            provided.append(IStorageRestoreable)
+        if all(IStorageCurrentRecordIteration.providedBy(c)
+               for c in children):
+            provided.append(IStorageCurrentRecordIteration)
+        if all(IExternalGC.providedBy(c) for c in children):
+            provided.append(IExternalGC)
+        if self.supportsUndo():
+            provided.append(IStorageUndoable)
+        if all(IBlobStorage.providedBy(c) for c in children):
+            provided.append(IBlobStorage)
+        zope.interface.alsoProvides(self, *provided)
+
+    # --- routing --------------------------------------------------------------
+
+    def partition_for(self, oid, what='load'):
+        """The home partition of ``oid``."""
+        try:
+            return self._by_prefix[oid[0]]
+        except (KeyError, IndexError, TypeError):
+            raise UnknownPartitionError(oid, self.partitions, what)
+
+    def partition_named(self, name):
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConfigurationError(
+                'no partition named %r (configured: %s)'
+                % (name, self._names()))
+
+    def is_internal(self, oid, part):
+        return is_internal(oid, part.prefix)
+
+    def to_child(self, part, oid, data, state):
+        """The record ``part``'s child stores for ``data``; notes stubs."""
+        foreign, hinted = crossing(data, part.prefix)
+        if not foreign:
+            return data
+        for ref in foreign:
+            if ref[0] not in self._by_prefix:
+                raise UnknownPartitionError(
+                    ref, self.partitions,
+                    'store a reference from oid %s to' % oid_hex(oid))
+        state.stubs_needed.setdefault(part, set()).update(foreign)
+        if hinted:
+            prefix = part.prefix
+            data = rewrite_class_hints(
+                data,
+                lambda ref, klass: STUB_GLOBAL if ref[0] != prefix else None)
+        return data
+
+    def from_child(self, part, data):
+        """The record ZODB sees for ``data`` from ``part``'s child."""
+        if not data or STUB_MARK not in data:
+            return data
+        prefix = part.prefix
+        committed_stub = self._coordinator.committed_stub
+
+        def original(ref, klass):
+            if klass != STUB_GLOBAL or ref[0] == prefix:
+                return None
+            found = committed_stub(part, ref)
+            return found[0] if found else None
+
+        return rewrite_class_hints(data, original)
+
+    # --- identity and size -----------------------------------------------------
+
+    def getName(self):
+        return self.__name__
+
+    def sortKey(self):
+        return 'composite:' + ','.join(
+            p.storage.sortKey() for p in self.partitions)
+
+    def getSize(self):
+        return sum(p.storage.getSize() for p in self.partitions)
+
+    def __len__(self):
+        return sum(p.count_own() for p in self.partitions)
+
+    def isReadOnly(self):
+        return self._read_only
+
+    def lastTransaction(self):
+        return self._ltid
+
+    def registerDB(self, db):
+        self._db = db
+
+    def close(self):
+        for p in self.partitions:
+            p.storage.close()
+
+    def cleanup(self):
+        for p in self.partitions:
+            cleanup = getattr(p.storage, 'cleanup', None)
+            if cleanup is not None:
+                cleanup()
+
+    def supportsUndo(self):
+        return all(getattr(p.storage, 'supportsUndo', lambda: False)()
+                   for p in self.partitions)
+
+    # --- oids -------------------------------------------------------------------
+
+    def new_oid(self):
+        if self._read_only:
+            raise POSException.ReadOnlyError()
+        part = self._policy.choose()
+        part.check_writable()
+        return part.new_oid()
+
+    def new_oid_in(self, name):
+        """A new oid in the partition called ``name``."""
+        part = self.partition_named(name)
+        part.check_writable()
+        return part.new_oid()
+
+    def new_oid_beside(self, oid):
+        """A new oid in ``oid``'s partition (containment), or by policy."""
+        part = self._by_prefix.get(oid[0])
+        if part is None or part.read_only:
+            return self.new_oid()
+        return part.new_oid()
+
+    # --- reading ----------------------------------------------------------------
+
+    def load(self, oid, version=''):
+        part = self.partition_for(oid)
+        if is_internal(oid, part.prefix):
+            raise POSException.POSKeyError(oid)
+        data, serial = part.storage.load(oid)
+        if serial > self._ltid:
+            # A commit is finishing: answer from the last finished snapshot.
+            r = self.loadBefore(oid, p64(u64(self._ltid) + 1))
+            if r is None:
+                raise POSException.POSKeyError(oid)
+            return r[0], r[1]
+        return self.from_child(part, data), serial
+
+    def loadBefore(self, oid, tid):
+        part = self.partition_for(oid)
+        if is_internal(oid, part.prefix):
+            raise POSException.POSKeyError(oid)
+        limit = p64(u64(self._ltid) + 1)
+        if tid > limit:
+            tid = limit
+        r = part.storage.loadBefore(oid, tid)
+        if r is None:
+            return None
+        data, start, end = r
+        if end is not None and end >= limit:
+            end = None
+        return self.from_child(part, data), start, end
+
+    def loadSerial(self, oid, serial):
+        part = self.partition_for(oid)
+        if is_internal(oid, part.prefix):
+            raise POSException.POSKeyError(oid)
+        return self.from_child(part, part.storage.loadSerial(oid, serial))
+
+    def getTid(self, oid):
+        part = self.partition_for(oid)
+        if is_internal(oid, part.prefix):
+            raise POSException.POSKeyError(oid)
+        return part.storage.getTid(oid)
+
+    def history(self, oid, size=1):
+        part = self.partition_for(oid)
+        if is_internal(oid, part.prefix):
+            raise POSException.POSKeyError(oid)
+        return part.storage.history(oid, size)
+
+    # --- writing ----------------------------------------------------------------
+
+    def tpc_begin(self, transaction, tid=None, status=' '):
+        if self._read_only:
+            raise POSException.ReadOnlyError()
+        self._coordinator.tpc_begin(transaction, tid, status)
+
+    def tpc_transaction(self):
+        state = self._coordinator.state
+        return state.transaction if state is not None else None
+
+    def _writable(self, oid, transaction, what):
+        state = self._coordinator.current(transaction)
+        part = self.partition_for(oid, what)
+        part.check_writable(oid)
+        if is_internal(oid, part.prefix):
+            raise POSException.StorageError(
+                'oid %s is reserved for the partition map of %r'
+                % (oid_hex(oid), part.name))
+        return state, part
+
+    def store(self, oid, serial, data, version, transaction):
+        if version:
+            raise POSException.Unsupported("Versions aren't supported")
+        state, part = self._writable(oid, transaction, 'store')
+        if serial == z64 or serial is None:
+            state.new_data[oid] = data
+        child_data = self.to_child(part, oid, data, state)
+        self._coordinator.begin(state, part)
+        part.storage.store(oid, serial, child_data, '', transaction)
+        part.saw_oid(oid)
+
+    def restore(self, oid, serial, data, version, prev_txn, transaction):
+        if version:
+            raise POSException.Unsupported("Versions aren't supported")
+        state, part = self._writable(oid, transaction, 'restore')
+        if data is not None:
+            state.new_data.setdefault(oid, data)
+            data = self.to_child(part, oid, data, state)
+        self._coordinator.begin(state, part)
+        part.storage.restore(oid, serial, data, '', prev_txn, transaction)
+        part.saw_oid(oid)
+
+    def deleteObject(self, oid, serial, transaction):
+        state, part = self._writable(oid, transaction, 'delete')
+        self._coordinator.begin(state, part)
+        part.storage.deleteObject(oid, serial, transaction)
+
+    def checkCurrentSerialInTransaction(self, oid, serial, transaction):
+        state = self._coordinator.current(transaction)
+        part = self.partition_for(oid, 'check the serial of')
+        self._coordinator.begin(state, part)
+        part.storage.checkCurrentSerialInTransaction(oid, serial, transaction)
+
+    def tpc_vote(self, transaction):
+        return self._coordinator.tpc_vote(transaction)
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        return self._coordinator.tpc_finish(transaction, func)
+
+    def tpc_abort(self, transaction):
+        self._coordinator.tpc_abort(transaction)
+
+    # --- undo, iteration, copying and packing ---------------------------------
+
+    def undo(self, transaction_id, transaction):
+        return iteration.undo(self, transaction_id, transaction)
+
+    def undoLog(self, first=0, last=-20, filter=None):
+        return iteration.undo_log(self, first, last, filter)
+
+    def undoInfo(self, first=0, last=-20, specification=None):
+        return iteration.undo_info(self, first, last, specification)
+
+    def iterator(self, start=None, stop=None):
+        return iteration.CompositeIterator(self, start, stop)
+
+    def record_iternext(self, next=None):
+        return iteration.record_iternext(self, next)
+
+    def copyTransactionsFrom(self, other):
+        iteration.copy_transactions(other, self)
+
+    def pack(self, t, referencesf=None, gc=None):
+        if self._read_only:
+            raise POSException.ReadOnlyError()
+        if gc is None:
+            gc = self._pack_gc
+        return gc_pack(self, t, gc)
+
+    def __repr__(self):
+        return '<CompositeStorage %s>' % self.__name__
+
+
+gc_pack = gc.pack
+
+
+def check_partitions(parts):
+    """Refuse a set of partitions that cannot form one composite."""
+    if not parts:
+        raise ConfigurationError('a composite needs at least one partition')
+    names = {}
+    prefixes = {}
+    stores = {}
+    for p in parts:
+        if not isinstance(p.prefix, int) or not 0 <= p.prefix <= MAX_PREFIX:
+            raise ConfigurationError(
+                'partition %r has prefix %r; prefixes run from 0 to %d '
+                '(the top bit stays clear for RelStorage)'
+                % (p.name, p.prefix, MAX_PREFIX))
+        if p.name in names:
+            raise ConfigurationError(
+                'two partitions are called %r; names must be unique' % p.name)
+        if p.prefix in prefixes:
+            raise ConfigurationError(
+                'partitions %r and %r both have prefix %d; each partition '
+                'needs its own' % (prefixes[p.prefix], p.name, p.prefix))
+        if p.storage is None:
+            raise ConfigurationError(
+                'partition %r has no storage; give it exactly one storage '
+                'section' % p.name)
+        key = storage_identity(p.storage)
+        if key in stores:
+            raise ConfigurationError(
+                'partitions %r and %r use the same storage %s; each '
+                'partition needs a child of its own'
+                % (stores[key], p.name, p.storage.getName()))
+        stores[key] = p.name
+        names[p.name] = p
+        prefixes[p.prefix] = p.name
+    if 0 not in prefixes:
+        raise ConfigurationError(
+            'no partition has prefix 0; exactly one partition, the primary, '
+            'must have prefix 0 (configured: %s)'
+            % ', '.join('%s=%d' % (p.name, p.prefix) for p in parts))
+
+
+def storage_identity(storage):
+    """Something equal for two handles on the same child storage."""
+    path = getattr(storage, '_file_name', None)
+    if path:
+        return ('file', os.path.realpath(path))
+    return ('object', id(storage))
