@@ -25,9 +25,8 @@ class BlobMethods:
         if oldserial == z64 or oldserial is None:
             state.new_data[oid] = data
         data = self.to_child(part, oid, data, state)
-        self._coordinator.begin(state, part)
-        part.storage.storeBlob(oid, oldserial, data, blobfilename, '',
-                               transaction)
+        txn = self._coordinator.begin(state, part)
+        part.storage.storeBlob(oid, oldserial, data, blobfilename, '', txn)
         part.saw_oid(oid)
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn,
@@ -36,9 +35,9 @@ class BlobMethods:
         if data is not None:
             state.new_data.setdefault(oid, data)
             data = self.to_child(part, oid, data, state)
-        self._coordinator.begin(state, part)
+        txn = self._coordinator.begin(state, part)
         part.storage.restoreBlob(oid, serial, data, blobfilename, prev_txn,
-                                 transaction)
+                                 txn)
         part.saw_oid(oid)
 
     def loadBlob(self, oid, serial):

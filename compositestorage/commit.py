@@ -18,6 +18,7 @@ import threading
 
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import StorageTransactionError
+from ZODB.Connection import TransactionMetaData
 from ZODB.utils import newTid
 from ZODB.utils import z64
 
@@ -28,6 +29,23 @@ from compositestorage.stubs import stub_record
 
 logger = logging.getLogger(__name__)
 
+#: Extension key on a child's transaction that carries only internal
+#: records (partition maps written when a child is first initialised).
+#: Iteration and the undo log leave such child transactions out.
+INTERNAL = 'compositestorage-internal'
+
+
+def internal_metadata(transaction):
+    """A copy of ``transaction``'s metadata, marked as internal."""
+    extension = dict(transaction.extension)
+    extension[INTERNAL] = True
+    return TransactionMetaData(transaction.user, transaction.description,
+                               extension)
+
+
+def is_internal_transaction(extension):
+    return bool(extension) and INTERNAL in extension
+
 
 class TransactionState:
     """What one composite transaction has done so far."""
@@ -37,6 +55,7 @@ class TransactionState:
         self.tid = tid
         self.status = status
         self.begun = {}          # prefix -> Partition, in order begun
+        self.child_txn = {}      # prefix -> the transaction that child sees
         self.stubs_needed = {}   # Partition -> set of foreign oids
         self.new_data = {}       # oid -> data of objects created here
         self.new_stubs = []      # (Partition, oid, klass) written at vote
@@ -82,13 +101,25 @@ class Coordinator:
                 "%r is not the transaction in progress" % (transaction,))
         return state
 
-    def begin(self, state, part):
-        """Begin ``part``'s child in this transaction, once."""
+    def begin(self, state, part, internal=False):
+        """Begin ``part``'s child in this transaction, once.
+
+        Returns the transaction object to pass to that child.  A child that
+        only receives internal records sees a copy marked as internal.
+        """
         if part.prefix not in state.begun:
             part.check_writable()
-            part.storage.tpc_begin(state.transaction, state.tid, state.status)
+            txn = state.transaction
+            if internal:
+                txn = internal_metadata(txn)
+            if state.status == ' ':
+                # MappingStorage and others take no status
+                part.storage.tpc_begin(txn, state.tid)
+            else:
+                part.storage.tpc_begin(txn, state.tid, state.status)
             state.begun[part.prefix] = part
-        return part.storage
+            state.child_txn[part.prefix] = txn
+        return state.child_txn[part.prefix]
 
     def write_stubs(self, state):
         """Store every stub the transaction needs and its child lacks."""
@@ -107,10 +138,10 @@ class Coordinator:
                     except POSKeyError:
                         data = None
                 klass = class_of(data) if data else None
-                self.begin(state, part)
+                txn = self.begin(state, part)
                 part.storage.store(
                     oid, part.current_serial(oid) or z64,
-                    stub_record(home.name, klass), '', state.transaction)
+                    stub_record(home.name, klass), '', txn)
                 state.new_stubs.append((part, oid, klass))
 
     def committed_stub(self, part, oid):
@@ -135,10 +166,10 @@ class Coordinator:
         for part, records in list(self.pending_init.items()):
             if part.read_only:
                 continue
-            self.begin(state, part)
+            txn = self.begin(state, part, internal=True)
             for oid, data in records:
                 part.storage.store(oid, part.current_serial(oid) or z64,
-                                   data, '', state.transaction)
+                                   data, '', txn)
 
     def tpc_vote(self, transaction):
         state = self.current(transaction)
@@ -149,7 +180,7 @@ class Coordinator:
             # Invariant 5: even an empty transaction leaves its tid durable.
             self.begin(state, self._storage.primary)
         for part in list(state.begun.values()):
-            resolved = part.storage.tpc_vote(transaction)
+            resolved = part.storage.tpc_vote(state.child_txn[part.prefix])
             if resolved:
                 state.resolved.update(
                     oid for oid in resolved
@@ -165,7 +196,7 @@ class Coordinator:
             error = None
             for part in state.begun.values():
                 try:
-                    part.storage.tpc_finish(transaction)
+                    part.storage.tpc_finish(state.child_txn[part.prefix])
                 except Exception as e:  # no journal yet: see module doc
                     logger.critical(
                         'partition %r failed in tpc_finish of %s; the '
@@ -193,7 +224,7 @@ class Coordinator:
         try:
             for part in state.begun.values():
                 try:
-                    part.storage.tpc_abort(transaction)
+                    part.storage.tpc_abort(state.child_txn[part.prefix])
                 except Exception:
                     logger.exception('partition %r failed in tpc_abort',
                                      part.name)

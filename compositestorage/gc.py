@@ -29,7 +29,6 @@ from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
-from compositestorage.partition import is_internal
 from compositestorage.references import strong_and_weak_oids
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,10 @@ def mark(storage, stop):
     reachable = fsIndex()
     todo = [z64]
 
-    # Everything written after the pack time stays, with what it refers to.
+    # Records written after the pack time stay (the child's packer copies
+    # them).  As in FileStorage, that does not keep their own oid's older
+    # revision; unlike FileStorage, what they refer to stays too, so a
+    # late reference into another partition never dangles.
     for part in storage.partitions:
         it = part.storage.iterator(limit)
         try:
@@ -68,8 +70,6 @@ def mark(storage, stop):
                     if not r.data:
                         continue
                     strong, weak = strong_and_weak_oids(r.data)
-                    if not is_internal(r.oid, part.prefix):
-                        todo.append(r.oid)
                     todo.extend(strong)
                     roots[part].extend(
                         oid for oid in strong + weak

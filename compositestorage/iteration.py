@@ -14,6 +14,7 @@ from ZODB.BaseStorage import copy as base_copy
 from ZODB.FileStorage import FileStorage
 from ZODB.interfaces import IBlobStorage
 
+from compositestorage.commit import is_internal_transaction
 from compositestorage.partition import is_internal
 
 
@@ -54,6 +55,8 @@ class CompositeIterator:
 
     def _stream(self, index, part, it):
         for txn in it:
+            if is_internal_transaction(txn.extension):
+                continue
             # Read the records now: the child's iterator moves on.
             records = [r for r in txn if not is_internal(r.oid, part.prefix)]
             yield txn.tid, index, part, txn, records
@@ -81,7 +84,7 @@ class CompositeIterator:
         first = group[0][3]
         return CompositeTransaction(
             first.tid, first.status, first.user, first.description,
-            first.extension, records)
+            getattr(first, 'extension_bytes', first.extension), records)
 
 
 def _find_own(storage, index, token):
@@ -169,15 +172,24 @@ def undo(storage, transaction_id, transaction):
     for part in storage.partitions:
         if not _touched(part, tid):
             continue
-        coordinator.begin(state, part)
-        _, child_oids = part.storage.undo(transaction_id, transaction)
+        txn = coordinator.begin(state, part)
+        _, child_oids = part.storage.undo(transaction_id, txn)
         for oid in child_oids:
             if is_internal(oid, part.prefix):
                 data, serial = part.storage.load(oid)
-                part.storage.store(oid, serial, data, '', transaction)
+                part.storage.store(oid, serial, data, '', txn)
             else:
                 oids.append(oid)
     return state.tid, oids
+
+
+def _visible(filter):
+    """An undoLog filter that also leaves out internal child transactions."""
+    def visible(entry):
+        if is_internal_transaction(entry):
+            return False
+        return filter is None or filter(entry)
+    return visible
 
 
 def undo_log(storage, first=0, last=-20, filter=None):
@@ -185,7 +197,7 @@ def undo_log(storage, first=0, last=-20, filter=None):
         last = first - last
     entries = {}
     for part in storage.partitions:
-        for entry in part.storage.undoLog(0, last, filter):
+        for entry in part.storage.undoLog(0, last, _visible(filter)):
             entries.setdefault(entry['id'], entry)
     merged = sorted(entries.values(), key=lambda e: tid_of(e['id']),
                     reverse=True)

@@ -65,7 +65,13 @@ def crossing(data, prefix):
     """
     foreign = None
     hinted = False
-    for ref in persistent_ids(data):
+    try:
+        refs = persistent_ids(data)
+    except Exception:
+        # Not a ZODB pickle: storages accept any bytes, and such a record
+        # holds no reference to rewrite.
+        return (), False
+    for ref in refs:
         if isinstance(ref, tuple):
             oid = ref[0]
             hint = True
@@ -93,7 +99,11 @@ def strong_and_weak_oids(data):
     """Every oid a record refers to in this database: ``(strong, weak)``."""
     strong = []
     weak = []
-    for ref in persistent_ids(data):
+    try:
+        refs = persistent_ids(data)
+    except Exception:
+        return strong, weak
+    for ref in refs:
         if isinstance(ref, tuple):
             strong.append(_oid_bytes(ref[0]))
         elif isinstance(ref, list):

@@ -360,6 +360,8 @@ class CompositeStorage(blobs.BlobMethods):
         return state.transaction if state is not None else None
 
     def _writable(self, oid, transaction, what):
+        if self._read_only:
+            raise POSException.ReadOnlyError()
         state = self._coordinator.current(transaction)
         part = self.partition_for(oid, what)
         part.check_writable(oid)
@@ -376,8 +378,8 @@ class CompositeStorage(blobs.BlobMethods):
         if serial == z64 or serial is None:
             state.new_data[oid] = data
         child_data = self.to_child(part, oid, data, state)
-        self._coordinator.begin(state, part)
-        part.storage.store(oid, serial, child_data, '', transaction)
+        txn = self._coordinator.begin(state, part)
+        part.storage.store(oid, serial, child_data, '', txn)
         part.saw_oid(oid)
 
     def restore(self, oid, serial, data, version, prev_txn, transaction):
@@ -387,20 +389,20 @@ class CompositeStorage(blobs.BlobMethods):
         if data is not None:
             state.new_data.setdefault(oid, data)
             data = self.to_child(part, oid, data, state)
-        self._coordinator.begin(state, part)
-        part.storage.restore(oid, serial, data, '', prev_txn, transaction)
+        txn = self._coordinator.begin(state, part)
+        part.storage.restore(oid, serial, data, '', prev_txn, txn)
         part.saw_oid(oid)
 
     def deleteObject(self, oid, serial, transaction):
         state, part = self._writable(oid, transaction, 'delete')
-        self._coordinator.begin(state, part)
-        part.storage.deleteObject(oid, serial, transaction)
+        txn = self._coordinator.begin(state, part)
+        part.storage.deleteObject(oid, serial, txn)
 
     def checkCurrentSerialInTransaction(self, oid, serial, transaction):
         state = self._coordinator.current(transaction)
         part = self.partition_for(oid, 'check the serial of')
-        self._coordinator.begin(state, part)
-        part.storage.checkCurrentSerialInTransaction(oid, serial, transaction)
+        txn = self._coordinator.begin(state, part)
+        part.storage.checkCurrentSerialInTransaction(oid, serial, txn)
 
     def tpc_vote(self, transaction):
         return self._coordinator.tpc_vote(transaction)
@@ -414,6 +416,8 @@ class CompositeStorage(blobs.BlobMethods):
     # --- undo, iteration, copying and packing ---------------------------------
 
     def undo(self, transaction_id, transaction):
+        if self._read_only:
+            raise POSException.ReadOnlyError()
         return iteration.undo(self, transaction_id, transaction)
 
     def undoLog(self, first=0, last=-20, filter=None):
