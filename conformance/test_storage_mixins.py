@@ -21,7 +21,7 @@ from ZODB.tests import RevisionStorage
 from ZODB.tests import StorageTestBase
 from ZODB.tests import Synchronization
 from ZODB.tests import TransactionalUndoStorage
-from ZODB.tests.testMVCCMappingStorage import MVCCTests
+from ZODB.tests import testMVCCMappingStorage
 
 from conformance.harness import STORAGES
 
@@ -42,8 +42,9 @@ class _Storage(
     PersistentStorage.PersistentStorage,
     MTStorage.MTStorage,
     ReadOnlyStorage.ReadOnlyStorage,
-    MVCCTests,
+    testMVCCMappingStorage.MVCCTests,
 ):
+    __test__ = False
     factory = None
     use_extension_bytes = True
 
@@ -57,6 +58,7 @@ class _Storage(
 
 class _Recovery(StorageTestBase.StorageTestBase,
                 RecoveryStorage.RecoveryStorage):
+    __test__ = False
     source = dest = None
 
     def setUp(self):
@@ -74,6 +76,7 @@ class _Recovery(StorageTestBase.StorageTestBase,
 
 def _make(base, name, **attrs):
     attrs = {k: staticmethod(v) for k, v in attrs.items()}
+    attrs['__test__'] = True
     return type(name, (base, unittest.TestCase), attrs)
 
 

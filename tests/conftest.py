@@ -1,0 +1,208 @@
+"""Shared fixtures and helpers for the compositestorage scenario tests.
+
+Everything here uses real parts: real ``FileStorage`` files in pytest's
+``tmp_path``, real ``ZODB.DB`` objects and real transactions.
+"""
+import os
+
+import pytest
+import transaction
+import ZODB
+from ZODB.FileStorage import FileStorage
+from ZODB.POSException import POSKeyError
+from ZODB.serialize import referencesf
+from ZODB.utils import get_pickle_metadata
+from ZODB.utils import z64
+
+from compositestorage import CompositeStorage
+from compositestorage import PartitionStub
+
+#: (name, prefix) of the partitions most tests use.
+THREE = (('main', 0), ('b', 1), ('c', 2))
+TWO = (('main', 0), ('b', 1))
+
+STUB_CLASS = ('compositestorage.stubs', 'PartitionStub')
+MAP_CLASS = ('compositestorage.partition', 'PartitionMap')
+
+
+def map_oid(prefix):
+    """The oid of the partition-map record of partition ``prefix``."""
+    return bytes((prefix,)) + b'\xff' * 7
+
+
+def oid_hex(oid):
+    return '0x' + oid.hex()
+
+
+def paths_for(tmp_path, parts=THREE):
+    return {name: str(tmp_path / ('%s.fs' % name)) for name, _ in parts}
+
+
+def open_composite(paths, parts=THREE, read_only_children=(),
+                   read_only_partitions=(), **kw):
+    """Open a composite over the FileStorage files in ``paths``.
+
+    ``read_only_children`` opens those children as read-only FileStorages;
+    ``read_only_partitions`` marks those partitions read-only in the
+    composite while their child is writable.
+    """
+    children = []
+    try:
+        for name, prefix in parts:
+            fs = FileStorage(paths[name],
+                             read_only=name in read_only_children)
+            children.append((name, prefix, fs))
+        from compositestorage import Partition
+        partitions = [Partition(name, prefix, fs,
+                                read_only=name in read_only_partitions)
+                      for name, prefix, fs in children]
+        return CompositeStorage(partitions, **kw)
+    except BaseException:
+        for _, _, fs in children:
+            fs.close()
+        raise
+
+
+def make_composite(tmp_path, parts=THREE, **kw):
+    """A fresh composite over new FileStorage files: ``(storage, paths)``."""
+    paths = paths_for(tmp_path, parts)
+    return open_composite(paths, parts, **kw), paths
+
+
+@pytest.fixture
+def closing():
+    """Collects storages/DBs to close at teardown (closing twice is fine)."""
+    things = []
+    yield things.append
+    for thing in reversed(things):
+        try:
+            thing.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def composite(tmp_path, closing):
+    """A fresh three-partition composite: ``(storage, paths)``."""
+    storage, paths = make_composite(tmp_path)
+    closing(storage)
+    return storage, paths
+
+
+@pytest.fixture
+def composite_db(composite, closing):
+    """``(db, storage, paths)`` for a fresh three-partition composite."""
+    storage, paths = composite
+    db = ZODB.DB(storage)
+    closing(db)
+    return db, storage, paths
+
+
+def new_tm():
+    return transaction.TransactionManager()
+
+
+# --- reading child files directly -------------------------------------------
+
+def iter_current(storage):
+    """Yield ``(oid, tid, data)`` of every current record of ``storage``."""
+    token = None
+    while True:
+        try:
+            oid, tid, data, token = storage.record_iternext(token)
+        except ValueError:      # empty storage
+            return
+        yield oid, tid, data
+        if token is None:
+            return
+
+
+def child_records(path):
+    """``{oid: data}`` of the current records of the FileStorage at path."""
+    fs = FileStorage(path, read_only=True)
+    try:
+        return {oid: data for oid, _, data in iter_current(fs)}
+    finally:
+        fs.close()
+
+
+def child_history(path):
+    """``[(tid, [(oid, data), ...]), ...]`` of every transaction in a file."""
+    fs = FileStorage(path, read_only=True)
+    try:
+        out = []
+        it = fs.iterator()
+        for txn in it:
+            out.append((txn.tid, [(r.oid, r.data) for r in txn]))
+        return out
+    finally:
+        fs.close()
+
+
+def pickle_class(data):
+    """``(module, name)`` of a record's class, without importing it."""
+    return get_pickle_metadata(data)
+
+
+def is_stub(data):
+    return data is not None and pickle_class(data) == STUB_CLASS
+
+
+def file_state(paths):
+    """Size and bytes of each file, to prove that nothing was written."""
+    out = {}
+    for name, path in paths.items():
+        if os.path.exists(path):
+            with open(path, 'rb') as f:
+                out[name] = f.read()
+        else:
+            out[name] = None
+    return out
+
+
+def check_child_self_contained(path, prefix, home_names):
+    """Open one child file alone with a plain ZODB and check invariant 2.
+
+    Every record loads; every persistent reference in every record
+    resolves inside the child; every foreign record is a PartitionStub whose
+    repr names its home partition and its oid in hex; a secondary child has
+    the root stub at z64.  ``home_names`` maps prefix -> partition name.
+    Returns ``{oid: loaded object's class}`` for further checks.
+    """
+    fs = FileStorage(path, read_only=True)
+    db = ZODB.DB(fs)
+    try:
+        conn = db.open()
+        classes = {}
+        records = list(iter_current(fs))
+        assert records, 'child %s is empty' % path
+        oids = {oid for oid, _, _ in records}
+        if prefix != 0:
+            assert z64 in oids, 'secondary child %s lacks the root stub' % path
+        for oid, tid, data in records:
+            # every reference resolves inside this child
+            for ref in referencesf(data):
+                try:
+                    fs.load(ref)
+                except POSKeyError:
+                    raise AssertionError(
+                        'record %s in %s refers to %s, which is not in '
+                        'the child' % (oid.hex(), path, ref.hex()))
+            obj = conn.get(oid)
+            obj._p_activate()
+            classes[oid] = type(obj)
+            if oid[0] != prefix:
+                assert isinstance(obj, PartitionStub), (oid, obj)
+                home = home_names[oid[0]]
+                assert obj.home == home
+                text = repr(obj)
+                assert oid.hex() in text, text
+                assert repr(home) in text or home in text, text
+            elif oid == map_oid(prefix):
+                assert pickle_class(data) == MAP_CLASS
+            else:
+                assert not isinstance(obj, PartitionStub), (oid, obj)
+        conn.close()
+        return classes
+    finally:
+        db.close()
