@@ -12,6 +12,7 @@ import uuid
 import zope.interface
 from ZODB import POSException
 from ZODB.interfaces import IBlobStorage
+from ZODB.interfaces import IBlobStorageRestoreable
 from ZODB.interfaces import IExternalGC
 from ZODB.interfaces import IMultiCommitStorage
 from ZODB.interfaces import IStorage
@@ -185,6 +186,8 @@ class CompositeStorage(blobs.BlobMethods):
             provided.append(IStorageUndoable)
         if all(IBlobStorage.providedBy(c) for c in children):
             provided.append(IBlobStorage)
+            if all(IBlobStorageRestoreable.providedBy(c) for c in children):
+                provided.append(IBlobStorageRestoreable)
         zope.interface.alsoProvides(self, *provided)
 
     # --- routing --------------------------------------------------------------

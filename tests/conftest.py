@@ -206,3 +206,21 @@ def check_child_self_contained(path, prefix, home_names):
         return classes
     finally:
         db.close()
+
+
+def raw_commit(storage, records, **meta):
+    """Commit ``[(oid, serial, data), ...]`` through the storage API.
+
+    Returns the tid.  Aborts (and re-raises) on any error.
+    """
+    from ZODB.Connection import TransactionMetaData
+    txn = TransactionMetaData(**meta)
+    storage.tpc_begin(txn)
+    try:
+        for oid, serial, data in records:
+            storage.store(oid, serial, data, '', txn)
+        storage.tpc_vote(txn)
+    except BaseException:
+        storage.tpc_abort(txn)
+        raise
+    return storage.tpc_finish(txn)
