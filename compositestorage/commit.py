@@ -207,11 +207,16 @@ class Coordinator:
                 part.stubs[oid] = klass
             for part in state.begun.values():
                 self.pending_init.pop(part, None)
-            storage._ltid = state.tid
+            # The commit point: every participant has finished.  Loads may
+            # now see the tid; ZODB learns of it through func (invalidations
+            # first, as FileStorage does), then lastTransaction() moves.
+            storage._visible_tid = state.tid
             if error is not None:
+                storage._ltid = state.tid
                 raise error
             if func is not None:
                 func(state.tid)
+            storage._ltid = state.tid
             return state.tid
         finally:
             self._end()

@@ -85,6 +85,8 @@ class CompositeStorage(blobs.BlobMethods):
             '%s=%s' % (p.name, p.storage.getName()) for p in self.partitions)
         self._ltid = max([z64] + [p.storage.lastTransaction()
                                   for p in self.partitions])
+        #: The last tid every participant has finished: what loads may see.
+        self._visible_tid = self._ltid
         self._coordinator = Coordinator(self)
         self._policy = make_policy(placement, self)
         self._db = None
@@ -310,9 +312,9 @@ class CompositeStorage(blobs.BlobMethods):
         if is_internal(oid, part.prefix):
             raise POSException.POSKeyError(oid)
         data, serial = part.storage.load(oid)
-        if serial > self._ltid:
+        if serial > self._visible_tid:
             # A commit is finishing: answer from the last finished snapshot.
-            r = self.loadBefore(oid, p64(u64(self._ltid) + 1))
+            r = self.loadBefore(oid, p64(u64(self._visible_tid) + 1))
             if r is None:
                 raise POSException.POSKeyError(oid)
             return r[0], r[1]
@@ -322,7 +324,7 @@ class CompositeStorage(blobs.BlobMethods):
         part = self.partition_for(oid)
         if is_internal(oid, part.prefix):
             raise POSException.POSKeyError(oid)
-        limit = p64(u64(self._ltid) + 1)
+        limit = p64(u64(self._visible_tid) + 1)
         if tid > limit:
             tid = limit
         r = part.storage.loadBefore(oid, tid)
