@@ -149,6 +149,25 @@ class Partition:
         return [oid for oid in oids
                 if oid[0] == self.prefix and oid != self.map_oid]
 
+    def prefixes_held(self):
+        """The first bytes of every oid this child holds, where cheap.
+
+        ``None`` for child types whose oids cannot be listed cheaply.
+        """
+        child = self.storage
+        if isinstance(child, FileStorage):
+            return {key[0] for key in child._index._data.keys()}
+        if isinstance(child, MappingStorage):
+            return {oid[0] for oid in child._data}
+        return None
+
+    def first_oid_with_prefix(self, prefix):
+        child = self.storage
+        start = bytes((prefix,)) + b'\0' * 7
+        if isinstance(child, FileStorage):
+            return child._index.minKey(start)
+        return min(oid for oid in child._data if oid[0] == prefix)
+
     def count_own(self):
         """The number of this partition's own objects (no internal ones)."""
         child = self.storage

@@ -29,6 +29,7 @@ from compositestorage import gc
 from compositestorage import iteration
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
+from compositestorage.errors import ForeignRecordError
 from compositestorage.errors import PartitionMapError
 from compositestorage.errors import UnknownPartitionError
 from compositestorage.errors import oid_hex
@@ -106,6 +107,20 @@ class CompositeStorage(blobs.BlobMethods):
         Records for children that lack them are written inside the next
         transaction, so a fresh composite has written nothing at all.
         """
+        for part in self.partitions:
+            held = part.prefixes_held() or ()
+            unknown = sorted(set(held) - set(self._by_prefix))
+            if unknown:
+                raise ForeignRecordError(
+                    'partition %r (%s) holds records whose oids start with '
+                    'byte %s, which is the prefix of no configured partition '
+                    '(configured: %s); the first is %s. Configure the '
+                    'partition those oids belong to, or check that this is '
+                    'the right file' % (
+                        part.name, part.storage.getName(),
+                        ', '.join('0x%02x' % b for b in unknown),
+                        self._names(),
+                        oid_hex(part.first_oid_with_prefix(unknown[0]))))
         maps = {p: p.read_map() for p in self.partitions}
         configured = {p.name: p.prefix for p in self.partitions}
         identities = {m['composite'] for m in maps.values() if m}
