@@ -193,33 +193,45 @@ class Coordinator:
         state = self.current(transaction)
         storage = self._storage
         try:
-            error = None
-            for part in state.begun.values():
-                try:
-                    part.storage.tpc_finish(state.child_txn[part.prefix])
-                except Exception as e:  # no journal yet: see module doc
-                    logger.critical(
-                        'partition %r failed in tpc_finish of %s; the '
-                        'partitions may now disagree', part.name,
-                        state.tid.hex(), exc_info=True)
-                    error = error or e
-            for part, oid, klass in state.new_stubs:
-                part.stubs[oid] = klass
-            for part in state.begun.values():
-                self.pending_init.pop(part, None)
-            # The commit point: every participant has finished.  Loads may
-            # now see the tid; ZODB learns of it through func (invalidations
-            # first, as FileStorage does), then lastTransaction() moves.
-            storage._visible_tid = state.tid
-            if error is not None:
-                storage._ltid = state.tid
-                raise error
-            if func is not None:
-                func(state.tid)
-            storage._ltid = state.tid
-            return state.tid
+            with storage._finish_lock:
+                return self._finish(state, func)
         finally:
             self._end()
+
+    def _finish(self, state, func):
+        """Finish every participant, then tell ZODB, then move the tid.
+
+        Runs under the storage's finish lock, which ``lastTransaction()``
+        also takes: as with FileStorage, a caller asking for the last tid
+        while a commit finishes waits and gets the new one, after ZODB's
+        invalidations (``func``) have gone out.
+        """
+        storage = self._storage
+        error = None
+        for part in state.begun.values():
+            try:
+                part.storage.tpc_finish(state.child_txn[part.prefix])
+            except Exception as e:  # no journal yet: see module doc
+                logger.critical(
+                    'partition %r failed in tpc_finish of %s; the '
+                    'partitions may now disagree', part.name,
+                    state.tid.hex(), exc_info=True)
+                error = error or e
+        for part, oid, klass in state.new_stubs:
+            part.stubs[oid] = klass
+        for part in state.begun.values():
+            self.pending_init.pop(part, None)
+        # The commit point: every participant has finished.  Loads may
+        # now see the tid.
+        storage._visible_tid = state.tid
+        try:
+            if error is None and func is not None:
+                func(state.tid)
+        finally:
+            storage._ltid = state.tid
+        if error is not None:
+            raise error
+        return state.tid
 
     def tpc_abort(self, transaction):
         with self._lock:

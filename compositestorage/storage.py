@@ -7,6 +7,7 @@ coordinates the children, ``iteration`` merges them, ``gc`` packs them and
 """
 import logging
 import os
+import threading
 import uuid
 
 import zope.interface
@@ -88,6 +89,7 @@ class CompositeStorage(blobs.BlobMethods):
                                   for p in self.partitions])
         #: The last tid every participant has finished: what loads may see.
         self._visible_tid = self._ltid
+        self._finish_lock = threading.Lock()
         self._coordinator = Coordinator(self)
         self._policy = make_policy(placement, self)
         self._db = None
@@ -279,7 +281,8 @@ class CompositeStorage(blobs.BlobMethods):
         return self._read_only
 
     def lastTransaction(self):
-        return self._ltid
+        with self._finish_lock:
+            return self._ltid
 
     def registerDB(self, db):
         self._db = db
