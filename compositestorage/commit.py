@@ -177,8 +177,12 @@ class Coordinator:
         if self.pending_init:
             self.write_pending_init(state)
         if not state.begun:
-            # Invariant 5: even an empty transaction leaves its tid durable.
-            self.begin(state, self._storage.primary)
+            # Invariant 5: even an empty transaction leaves its tid durable,
+            # in the primary unless that one is read-only.
+            writable = [p for p in self._storage.partitions
+                        if not p.read_only]
+            self.begin(state, writable[0] if writable
+                       else self._storage.primary)
         for part in list(state.begun.values()):
             resolved = part.storage.tpc_vote(state.child_txn[part.prefix])
             if resolved:
