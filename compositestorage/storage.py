@@ -89,7 +89,7 @@ class CompositeStorage(blobs.BlobMethods):
                                   for p in self.partitions])
         #: The last tid every participant has finished: what loads may see.
         self._visible_tid = self._ltid
-        self._finish_lock = threading.Lock()
+        self._finish_lock = threading.RLock()
         self._coordinator = Coordinator(self)
         self._policy = make_policy(placement, self)
         self._db = None
