@@ -11,7 +11,6 @@ import datetime
 import os
 import sys
 
-import transaction
 import ZODB
 from persistent.mapping import PersistentMapping
 from ZODB.FileStorage import FileStorage

@@ -11,6 +11,7 @@ child belongs to, so a renamed, renumbered or doubly used child is refused.
 """
 import io
 import threading
+import uuid
 
 import persistent
 from ZODB.FileStorage import FileStorage
@@ -18,13 +19,17 @@ from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 from ZODB.utils import u64
+from ZODB.utils import z64
 from zodbpickle.pickle import Pickler
 
 from compositestorage.errors import CorruptRecordError
+from compositestorage.errors import ForeignRecordError
 from compositestorage.errors import PartitionFullError
+from compositestorage.errors import PartitionMapError
 from compositestorage.errors import ReadOnlyPartitionError
 from compositestorage.errors import oid_hex
 from compositestorage.stubs import load_internal_record
+from compositestorage.stubs import stub_record
 
 MAX_PREFIX = 0x7f
 MAP_SUFFIX = b'\xff' * 7
@@ -217,3 +222,97 @@ class Partition:
                 if pos:
                     return child._read_data_header(pos, oid).tid
         return None
+
+
+def _names(partitions):
+    return ', '.join('%s=%d' % (p.name, p.prefix) for p in partitions)
+
+
+def check_foreign_records(partitions):
+    """Refuse a child holding oids of no configured partition."""
+    prefixes = {p.prefix for p in partitions}
+    for part in partitions:
+        unknown = sorted(set(part.prefixes_held() or ()) - prefixes)
+        if unknown:
+            raise ForeignRecordError(
+                'partition %r (%s) holds records whose oids start with '
+                'byte %s, which is the prefix of no configured partition '
+                '(configured: %s); the first is %s. Configure the '
+                'partition those oids belong to, or check that this is '
+                'the right file' % (
+                    part.name, part.storage.getName(),
+                    ', '.join('0x%02x' % b for b in unknown),
+                    _names(partitions),
+                    oid_hex(part.first_oid_with_prefix(unknown[0]))))
+
+
+def check_maps(partitions, primary, root_class):
+    """Check the partition maps the children record against the config.
+
+    Returns the composite's identity and, for each writable child whose map
+    is missing or out of date, the internal records it still needs:
+    ``{Partition: [(oid, data)]}``.  Raises :class:`PartitionMapError`,
+    naming both sides, for a child that belongs to another partition or
+    another composite, or that records a partition the config lacks.
+    """
+    maps = {p: p.read_map() for p in partitions}
+    configured = {p.name: p.prefix for p in partitions}
+    mapped = [p for p, m in maps.items() if m]
+    if maps[primary]:
+        identity = maps[primary]['composite']
+    elif mapped and not primary.read_only:
+        raise PartitionMapError(
+            'primary partition %r (%s) records no partition map, but '
+            'partition %r records composite %s; the primary is not the '
+            'file this composite was created with: point %r at it'
+            % (primary.name, primary.storage.getName(), mapped[0].name,
+               maps[mapped[0]]['composite'], primary.name))
+    elif mapped:
+        identity = maps[mapped[0]]['composite']
+    else:
+        identity = uuid.uuid4().hex
+    for part, recorded in maps.items():
+        if not recorded:
+            continue
+        if (recorded.get('partition'), recorded.get('prefix')) != \
+                (part.name, part.prefix):
+            raise PartitionMapError(
+                'partition %r (prefix %d) is configured on %s, but that '
+                'child records itself as partition %r (prefix %s) of '
+                'composite %s; sections must not be renamed, renumbered '
+                'or pointed at another partition\'s storage'
+                % (part.name, part.prefix, part.storage.getName(),
+                   recorded.get('partition'), recorded.get('prefix'),
+                   recorded.get('composite')))
+        if recorded.get('composite') != identity:
+            raise PartitionMapError(
+                'partition %r (%s) belongs to composite %s, but partition '
+                '%r belongs to composite %s; a child cannot be moved '
+                'between composites'
+                % (part.name, part.storage.getName(),
+                   recorded.get('composite'), primary.name, identity))
+        for other, prefix in recorded.get('partitions', {}).items():
+            if other not in configured:
+                raise PartitionMapError(
+                    'partition %r (prefix %d), recorded by partition %r, '
+                    'is not configured; objects in it would be '
+                    'unreachable: add its section back'
+                    % (other, prefix, part.name))
+            if configured[other] != prefix:
+                raise PartitionMapError(
+                    'partition %r is configured with prefix %d, but %r '
+                    'records it with prefix %d; renumbering would remap '
+                    'data' % (other, configured[other], part.name, prefix))
+    pending = {}
+    for part, recorded in maps.items():
+        state = {'composite': identity, 'partition': part.name,
+                 'prefix': part.prefix, 'partitions': configured,
+                 'format': 1}
+        if recorded == state or part.read_only:
+            continue
+        records = [(part.map_oid, map_record(state))]
+        if recorded is None and part is not primary:
+            # Invariant 2: the secondary's z64 is the composite root's stub.
+            records.append((z64, stub_record(primary.name, root_class)))
+        pending[part] = records
+    return identity, pending

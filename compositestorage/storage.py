@@ -8,7 +8,6 @@ coordinates the children, ``iteration`` merges them, ``gc`` packs them and
 import logging
 import os
 import threading
-import uuid
 
 import zope.interface
 from ZODB import POSException
@@ -30,21 +29,19 @@ from compositestorage import gc
 from compositestorage import iteration
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
-from compositestorage.errors import ForeignRecordError
-from compositestorage.errors import PartitionMapError
 from compositestorage.errors import UnknownPartitionError
 from compositestorage.errors import oid_hex
 from compositestorage.partition import MAX_PREFIX
 from compositestorage.partition import Partition
 from compositestorage.partition import is_internal
-from compositestorage.partition import map_record
+from compositestorage.partition import check_foreign_records
+from compositestorage.partition import check_maps
 from compositestorage.placement import make_policy
 from compositestorage.references import STUB_GLOBAL
 from compositestorage.references import STUB_MARK
 from compositestorage.references import class_of
 from compositestorage.references import crossing
 from compositestorage.references import rewrite_class_hints
-from compositestorage.stubs import stub_record
 
 logger = logging.getLogger(__name__)
 
@@ -109,78 +106,11 @@ class CompositeStorage(blobs.BlobMethods):
         Records for children that lack them are written inside the next
         transaction, so a fresh composite has written nothing at all.
         """
-        for part in self.partitions:
-            held = part.prefixes_held() or ()
-            unknown = sorted(set(held) - set(self._by_prefix))
-            if unknown:
-                raise ForeignRecordError(
-                    'partition %r (%s) holds records whose oids start with '
-                    'byte %s, which is the prefix of no configured partition '
-                    '(configured: %s); the first is %s. Configure the '
-                    'partition those oids belong to, or check that this is '
-                    'the right file' % (
-                        part.name, part.storage.getName(),
-                        ', '.join('0x%02x' % b for b in unknown),
-                        self._names(),
-                        oid_hex(part.first_oid_with_prefix(unknown[0]))))
-        maps = {p: p.read_map() for p in self.partitions}
-        configured = {p.name: p.prefix for p in self.partitions}
-        identities = {m['composite'] for m in maps.values() if m}
-        primary_map = maps[self.primary]
-        if primary_map:
-            self.identity = primary_map['composite']
-        elif identities:
-            self.identity = sorted(identities)[0]
-        else:
-            self.identity = uuid.uuid4().hex
-        for part, recorded in maps.items():
-            if not recorded:
-                continue
-            if (recorded.get('partition'), recorded.get('prefix')) != \
-                    (part.name, part.prefix):
-                raise PartitionMapError(
-                    'partition %r (prefix %d) is configured on %s, but that '
-                    'child records itself as partition %r (prefix %s) of '
-                    'composite %s; sections must not be renamed, renumbered '
-                    'or pointed at another partition\'s storage'
-                    % (part.name, part.prefix, part.storage.getName(),
-                       recorded.get('partition'), recorded.get('prefix'),
-                       recorded.get('composite')))
-            if recorded['composite'] != self.identity:
-                raise PartitionMapError(
-                    'partition %r (%s) belongs to composite %s, but partition '
-                    '%r belongs to composite %s; a child cannot be moved '
-                    'between composites'
-                    % (part.name, part.storage.getName(),
-                       recorded['composite'], self.primary.name,
-                       self.identity))
-            for other, prefix in recorded.get('partitions', {}).items():
-                if other in configured and configured[other] != prefix:
-                    raise PartitionMapError(
-                        'partition %r is configured with prefix %d, but %r '
-                        'records it with prefix %d; renumbering would remap '
-                        'data' % (other, configured[other], part.name,
-                                  prefix))
-                if other not in configured:
-                    raise PartitionMapError(
-                        'partition %r (prefix %d), recorded by partition %r, '
-                        'is not configured; objects in it would be '
-                        'unreachable: add its section back'
-                        % (other, prefix, part.name))
-        if self._read_only:
-            return
-        root_class = self._root_class()
-        for part, recorded in maps.items():
-            state = {'composite': self.identity, 'partition': part.name,
-                     'prefix': part.prefix, 'partitions': configured,
-                     'format': 1}
-            if recorded == state or part.read_only:
-                continue
-            records = [(part.map_oid, map_record(state))]
-            if recorded is None and part is not self.primary:
-                records.append((z64, stub_record(self.primary.name,
-                                                  root_class)))
-            self._coordinator.pending_init[part] = records
+        check_foreign_records(self.partitions)
+        self.identity, pending = check_maps(
+            self.partitions, self.primary, self._root_class())
+        if not self._read_only:
+            self._coordinator.pending_init.update(pending)
 
     def _root_class(self):
         try:
