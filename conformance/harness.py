@@ -23,6 +23,14 @@ def composite(name='Data', placement='round-robin', blob_dir=None,
                             read_only=read_only, pack_gc=pack_gc)
 
 
+def mapping_composite(name='Data', placement='round-robin', **kwargs):
+    """A composite of three MappingStorage partitions."""
+    import ZODB.MappingStorage
+    return CompositeStorage(
+        [(pname, prefix, ZODB.MappingStorage.MappingStorage(pname))
+         for pname, prefix in PARTITIONS], placement=placement)
+
+
 def filestorage(name='Data', blob_dir=None, **kwargs):
     kwargs.pop('create', None)
     return ZODB.FileStorage.FileStorage('%s.fs' % name, blob_dir=blob_dir,

@@ -24,6 +24,7 @@ from ZODB.tests import TransactionalUndoStorage
 from ZODB.tests import testMVCCMappingStorage
 
 from conformance.harness import STORAGES
+from conformance.harness import mapping_composite
 
 
 class _Storage(
@@ -103,3 +104,50 @@ TestRecoveryCompositeToFileStorage = _make(
 TestRecoveryFileStorageToComposite = _make(
     _Recovery, 'TestRecoveryFileStorageToComposite',
     source=STORAGES['FileStorage'], dest=STORAGES['CompositeRoundRobin'])
+
+
+class _MappingStorage(
+    StorageTestBase.StorageTestBase,
+    BasicStorage.BasicStorage,
+    HistoryStorage.HistoryStorage,
+    IteratorStorage.ExtendedIteratorStorage,
+    IteratorStorage.IteratorStorage,
+    MTStorage.MTStorage,
+    RevisionStorage.RevisionStorage,
+    Synchronization.SynchronizedStorage,
+):
+    """The basic suites, as ZODB's testMappingStorage runs them, on
+    MappingStorage children.  (MappingStorage has no undo; its children
+    pack without GC, see README.rst.)"""
+    __test__ = False
+    factory = None
+
+    def setUp(self):
+        StorageTestBase.StorageTestBase.setUp(self)
+        self._storage = self.factory()
+
+    def testOversizeNote(self):
+        # MappingStorage has no metadata size limit (as in ZODB's own
+        # MappingStorageTests).
+        pass
+
+    def testLoadBeforeUndo(self):
+        pass  # MappingStorage does not support undo
+
+    testUndoZombie = testLoadBeforeUndo
+
+
+TestMappingStorage = _make(_MappingStorage, 'TestMappingStorage',
+                           factory=lambda: __import__(
+                               'ZODB.MappingStorage').MappingStorage
+                           .MappingStorage())
+# The composite hands on the extension bytes its children's iterators
+# give it, so its iterator keeps them even over MappingStorage children.
+TestCompositeMappingRoundRobin = _make(
+    _MappingStorage, 'TestCompositeMappingRoundRobin',
+    factory=lambda: mapping_composite(placement='round-robin'))
+TestCompositeMappingRoundRobin.use_extension_bytes = True
+TestCompositeMappingDefault = _make(
+    _MappingStorage, 'TestCompositeMappingDefault',
+    factory=lambda: mapping_composite(placement='default'))
+TestCompositeMappingDefault.use_extension_bytes = True
