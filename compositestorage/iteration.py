@@ -13,6 +13,9 @@ from ZODB.BaseStorage import TransactionRecord
 from ZODB.BaseStorage import copy as base_copy
 from ZODB.FileStorage import FileStorage
 from ZODB.interfaces import IBlobStorage
+from ZODB.POSException import POSKeyError
+from ZODB.utils import p64
+from ZODB.utils import u64
 
 from compositestorage.commit import is_internal_transaction
 from compositestorage.partition import is_internal
@@ -102,6 +105,14 @@ def _find_own(storage, index, token):
         while True:
             try:
                 record = child.record_iternext(token)
+            except POSKeyError as e:
+                # FileStorage raises for an oid whose creation was undone;
+                # step past that oid, not past the rest of the partition.
+                oid = e.args[0] if e.args else None
+                if ordered and isinstance(oid, bytes) and len(oid) == 8:
+                    token = p64(u64(oid) + 1)
+                    continue
+                break
             except (ValueError, KeyError, IndexError):
                 break
             oid, tid, data, after = record

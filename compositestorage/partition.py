@@ -22,6 +22,7 @@ from ZODB.utils import u64
 from ZODB.utils import z64
 from zodbpickle.pickle import Pickler
 
+from compositestorage.errors import ConfigurationError
 from compositestorage.errors import CorruptRecordError
 from compositestorage.errors import ForeignRecordError
 from compositestorage.errors import PartitionFullError
@@ -77,6 +78,15 @@ class Partition:
     """
 
     def __init__(self, name, prefix, storage, read_only=False):
+        if not isinstance(prefix, int) or not 0 <= prefix <= MAX_PREFIX:
+            raise ConfigurationError(
+                'partition %r has prefix %r; prefixes run from 0 to %d '
+                '(the top bit stays clear for RelStorage)'
+                % (name, prefix, MAX_PREFIX))
+        if storage is None:
+            raise ConfigurationError(
+                'partition %r has no storage; give it exactly one storage '
+                'section' % name)
         self.name = name
         self.prefix = prefix
         self.storage = storage
@@ -189,18 +199,38 @@ class Partition:
     # --- the partition map ------------------------------------------------
 
     def read_map(self):
-        """The partition map this child records, or ``None``."""
-        try:
-            data, _ = self.storage.load(self.map_oid)
-        except POSKeyError:
-            return None
-        try:
-            return read_map_record(data)
-        except Exception as e:
-            raise CorruptRecordError(
-                'partition %r: the record at %s is not a readable partition '
-                'map (%s); this child was not written by compositestorage '
-                'or is damaged' % (self.name, oid_hex(self.map_oid), e))
+        """The partition map this child records, or ``None``.
+
+        The map is looked for under every prefix the child holds, not only
+        the configured one, so a child configured under another prefix is
+        recognised rather than taken for a new one.
+        """
+        held = self.prefixes_held()
+        candidates = range(MAX_PREFIX + 1) if held is None else sorted(held)
+        found = []
+        for prefix in candidates:
+            oid = map_oid(prefix)
+            try:
+                data, _ = self.storage.load(oid)
+            except POSKeyError:
+                continue
+            try:
+                found.append(read_map_record(data))
+            except Exception as e:
+                raise CorruptRecordError(
+                    'partition %r: the record at %s is not a readable '
+                    'partition map (%s); this child was not written by '
+                    'compositestorage or is damaged'
+                    % (self.name, oid_hex(oid), e))
+        if len(found) > 1:
+            raise PartitionMapError(
+                'partition %r (%s) records %d partition maps (%s); it has '
+                'been written as more than one partition: run '
+                '"compositestorage verify"' % (
+                    self.name, self.storage.getName(), len(found),
+                    ', '.join('%s=%s' % (m.get('partition'), m.get('prefix'))
+                              for m in found)))
+        return found[0] if found else None
 
     def current_serial(self, oid):
         """The tid of ``oid``'s last record in this child, deleted or not.
@@ -272,10 +302,8 @@ def check_maps(partitions, primary, root_class):
     else:
         identity = uuid.uuid4().hex
     for part, recorded in maps.items():
-        if not recorded:
-            continue
-        if (recorded.get('partition'), recorded.get('prefix')) != \
-                (part.name, part.prefix):
+        if recorded and (recorded.get('partition'), recorded.get('prefix')) \
+                != (part.name, part.prefix):
             raise PartitionMapError(
                 'partition %r (prefix %d) is configured on %s, but that '
                 'child records itself as partition %r (prefix %s) of '
@@ -284,6 +312,9 @@ def check_maps(partitions, primary, root_class):
                 % (part.name, part.prefix, part.storage.getName(),
                    recorded.get('partition'), recorded.get('prefix'),
                    recorded.get('composite')))
+    for part, recorded in maps.items():
+        if not recorded:
+            continue
         if recorded.get('composite') != identity:
             raise PartitionMapError(
                 'partition %r (%s) belongs to composite %s, but partition '

@@ -133,9 +133,17 @@ def containment(db):
     X is placed in X, as mount-point users expect (a catalog's new BTree
     buckets stay in the catalog).  When two new objects in different
     partitions both reach one new object, the one serialized first wins.
-    Call it before opening connections; returns ``db``.
+    Connections already open keep their class until closed and dropped;
+    idle pooled ones (``ZODB.DB`` pools one while creating the root) are
+    dropped now.  Returns ``db``.
     """
     db.klass = ContainmentConnection
+    with db._lock:
+        while True:
+            conn = db.pool.pop()
+            if conn is None:
+                break
+            conn._release_resources()
     return db
 
 

@@ -106,9 +106,9 @@ class CompositeStorage(blobs.BlobMethods):
         Records for children that lack them are written inside the next
         transaction, so a fresh composite has written nothing at all.
         """
-        check_foreign_records(self.partitions)
         self.identity, pending = check_maps(
             self.partitions, self.primary, self._root_class())
+        check_foreign_records(self.partitions)
         if not self._read_only:
             self._coordinator.pending_init.update(pending)
 

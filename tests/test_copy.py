@@ -152,3 +152,28 @@ def test_composite_into_filestorage_and_back(tmp_path, closing):
         if prefix:
             assert is_stub(records[z64])
         check_child_self_contained(again_paths[name], prefix, HOMES)
+
+
+def test_composite_into_composite(tmp_path, closing):
+    storage, paths = make_composite(tmp_path)
+    closing(storage)
+    db = ZODB.DB(storage)
+    fill(db, composite=True)
+    expected = transactions(storage)
+    expected_loads = loads(storage)
+    (tmp_path / 'copy').mkdir()
+    copy_paths = paths_for(tmp_path / 'copy')
+    copy = open_composite(copy_paths)
+    closing(copy)
+    copy.copyTransactionsFrom(storage)
+    assert transactions(copy) == expected
+    assert loads(copy) == expected_loads
+    assert copy.lastTransaction() == storage.lastTransaction()
+    assert len(copy) == len(storage)
+    db.close()
+    copy.close()
+    for name, prefix in THREE:
+        # the children match record for record, stubs included
+        assert child_records(copy_paths[name]).keys() == \
+            child_records(paths[name]).keys()
+        check_child_self_contained(copy_paths[name], prefix, HOMES)

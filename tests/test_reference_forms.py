@@ -22,7 +22,10 @@ from conftest import is_stub
 from conftest import new_tm
 from conftest import open_composite
 from conftest import paths_for
+from conftest import Ref
+from conftest import pm_record
 from conftest import raw_commit
+from conftest import unpickle_record
 
 HOMES = {prefix: name for name, prefix in THREE}
 
@@ -156,7 +159,9 @@ def _record(klass, state, pid):
     return f.getvalue()
 
 
-class Ref:
+class PidMarker:
+    """Pickled as the persistent id it carries."""
+
     def __init__(self, pid):
         self.pid = pid
 
@@ -180,8 +185,9 @@ def test_legacy_weak_reference_form(tmp_path, closing):
     storage = open_composite(paths)
     closing(storage)
     oid = storage.new_oid_in('c')
-    data = _record(PersistentMapping, {'data': {'w': Ref([t_oid])}},
-                   lambda o: o.pid if isinstance(o, Ref) else None)
+    data = _record(PersistentMapping,
+                   {'data': {'w': PidMarker([t_oid])}},
+                   lambda o: o.pid if isinstance(o, PidMarker) else None)
     assert [t_oid] in persistent_ids(data)
     raw_commit(storage, [(oid, z64, data)])
     # no class hint: stored and returned byte for byte
@@ -240,15 +246,7 @@ def test_persistent_classes_cross_partitions(tmp_path, closing):
     assert c_oid in persistent_ids(main[classes_oid])
     assert i_oid in persistent_ids(main[obs_oid])
     assert is_stub(main[c_oid]) and is_stub(main[i_oid])
-    # every reference of every record still resolves inside the child
-    fs = FileStorage(paths['main'], read_only=True)
-    try:
-        from ZODB.serialize import referencesf
-        for data in main.values():
-            for ref in referencesf(data):
-                fs.load(ref)
-    finally:
-        fs.close()
+    check_child_self_contained(paths['main'], 0, HOMES)
 
     storage = open_composite(paths)
     db = ZODB.DB(storage, class_factory=class_factory)
@@ -333,3 +331,79 @@ def test_multi_database_references_pass_untouched(tmp_path, closing):
     assert h['m']['x'] == 1
     assert type(h['n']) is PNewArgs and h['n'].value == 7
     assert h['w']() is h['m']
+
+
+def test_record_without_crossing_reference_is_byte_for_byte(tmp_path,
+                                                           closing):
+    paths = paths_for(tmp_path)
+    storage = open_composite(paths)
+    closing(storage)
+    a, b = storage.new_oid_in('b'), storage.new_oid_in('b')
+    data_a = pm_record(v='a', to_b=Ref(b))          # b -> b only
+    data_b = pm_record(v='b')
+    raw_commit(storage, [(a, z64, data_a), (b, z64, data_b)])
+    assert (b, None) in persistent_ids(data_a)
+    assert storage.load(a)[0] == data_a
+    assert storage.load(b)[0] == data_b
+    storage.close()
+    records = child_records(paths['b'])
+    assert records[a] == data_a and records[b] == data_b
+
+
+def test_repeated_and_memoized_references(tmp_path, closing):
+    """One record referring twice to one foreign object, to another
+    foreign object and to a local one, all of the same class, so the
+    pickle memoizes the class and the oids: the child gets stub hints for
+    the foreign ones only, and the composite gives back the same
+    references."""
+    paths = paths_for(tmp_path)
+    storage = open_composite(paths)
+    db = ZODB.DB(storage)
+    closing(db)
+    tm = new_tm()
+    conn = db.open(transaction_manager=tm)
+    root = conn.root()
+    with placement(conn, 'b'):
+        f1, f2 = PersistentMapping(v='f1'), PersistentMapping(v='f2')
+        conn.add(f1)
+        conn.add(f2)
+    local = PersistentMapping(v='local')
+    conn.add(local)
+    holder = PersistentMapping()
+    conn.add(holder)
+    holder.update(one=f1, again=f1, two=f2, local=local,
+                  nested=[f1, (f2, local)])
+    root['holder'] = holder
+    tm.commit()
+    h_oid = holder._p_oid
+    assert h_oid[0] == 0 and local._p_oid[0] == 0
+    db.close()
+
+    main = child_records(paths['main'])
+    check_child_self_contained(paths['main'], 0, HOMES)
+    plain = ZODB.DB(FileStorage(paths['main'], read_only=True))
+    try:
+        h = plain.open().get(h_oid)
+        assert isinstance(h['one'], PartitionStub)
+        assert h['one'] is h['again'] is h['nested'][0]
+        assert isinstance(h['two'], PartitionStub)
+        assert type(h['local']) is PersistentMapping
+        assert h['nested'][1][1] is h['local']
+    finally:
+        plain.close()
+
+    storage = open_composite(paths)
+    db = ZODB.DB(storage)
+    closing(db)
+    conn = db.open()
+    h = conn.get(h_oid)
+    assert type(h['one']) is PersistentMapping
+    assert h['one'] is h['again'] is h['nested'][0]
+    assert (h['one']['v'], h['two']['v'], h['local']['v']) == (
+        'f1', 'f2', 'local')
+    assert h['nested'][1][0] is h['two'] and h['nested'][1][1] is h['local']
+    # the composite's record has the same references as the original
+    orig = unpickle_record(storage.load(h_oid)[0])
+    assert b'compositestorage' not in storage.load(h_oid)[0]
+    assert b'compositestorage' in main[h_oid]
+    assert orig[0] is PersistentMapping or orig[0][0] is PersistentMapping

@@ -1,4 +1,5 @@
 """Scenario 7: undo never removes a stub that later records still use."""
+import pytest
 import ZODB
 from persistent.mapping import PersistentMapping
 from ZODB.FileStorage import FileStorage
@@ -8,9 +9,9 @@ from compositestorage import placement
 
 from conftest import THREE
 from conftest import check_child_self_contained
+from conftest import child_history
 from conftest import child_records
 from conftest import is_stub
-from conftest import iter_current
 from conftest import make_composite
 from conftest import new_tm
 from conftest import open_composite
@@ -148,4 +149,75 @@ def test_record_iternext_reaches_objects_after_an_undone_creation(
         if token is None:
             break
     assert live <= seen, sorted(o.hex() for o in live - seen)
+    db.close()
+
+
+def test_undo_of_a_transaction_across_three_partitions(composite_db):
+    db, storage, paths = composite_db
+    tm = new_tm()
+    conn = db.open(transaction_manager=tm)
+    root = conn.root()
+    root['m'] = PersistentMapping(v=0)
+    tm.commit()
+    for name in ('b', 'c'):
+        with placement(conn, name):
+            root[name] = PersistentMapping(v=0)
+            tm.commit()
+    for k in ('m', 'b', 'c'):
+        root[k]['v'] = 1
+    root['b']['to_c'] = root['c']          # a new stub in b
+    tm.get().note('everywhere')
+    tm.commit()
+    tid = storage.lastTransaction()
+    before_hist = {name: child_history(p) for name, p in paths.items()}
+    assert all(before_hist[n][-1][0] == tid for n in ('main', 'b', 'c'))
+
+    entry = [e for e in db.undoLog(0, 5) if e['description'] == 'everywhere']
+    db.undo(entry[0]['id'], tm.get())
+    tm.commit()
+    tm.begin()
+    assert [root[k]['v'] for k in ('m', 'b', 'c')] == [0, 0, 0]
+    assert 'to_c' not in root['b']
+    # the undo is one composite transaction in every partition it touched
+    undo_tid = storage.lastTransaction()
+    txns = list(storage.iterator(undo_tid))
+    assert len(txns) == 1
+    assert sorted(r.oid for r in txns[0]) == sorted(
+        root[k]._p_oid for k in ('m', 'b', 'c'))
+    db.close()
+    for name, prefix in THREE:
+        assert child_history(paths[name])[-1][0] == undo_tid
+        check_child_self_contained(paths[name], prefix, HOMES)
+
+
+def test_failed_undo_writes_nothing(composite_db):
+    """Undoing txn1 fails in b (a later txn changed the same object there)
+    after main was already undone: UndoError, and no child gets anything."""
+    from ZODB.POSException import UndoError
+    db, storage, paths = composite_db
+    tm = new_tm()
+    conn = db.open(transaction_manager=tm)
+    root = conn.root()
+    root['m'] = PersistentMapping(v=0)
+    tm.commit()
+    with placement(conn, 'b'):
+        root['bb'] = PersistentMapping(v=0)
+        tm.commit()
+    root['m']['v'] = 1
+    root['bb']['v'] = 1
+    tm.get().note('txn1')
+    tm.commit()
+    root['bb']['v'] = 2
+    tm.commit()
+    last = storage.lastTransaction()
+    before = {name: child_history(p) for name, p in paths.items()}
+    entry = [e for e in db.undoLog(0, 5) if e['description'] == 'txn1']
+    db.undo(entry[0]['id'], tm.get())
+    with pytest.raises(UndoError):
+        tm.commit()
+    tm.abort()
+    assert storage.lastTransaction() == last
+    assert {name: child_history(p) for name, p in paths.items()} == before
+    tm.begin()
+    assert (root['m']['v'], root['bb']['v']) == (1, 2)
     db.close()
