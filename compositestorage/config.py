@@ -7,8 +7,7 @@ import os
 
 from ZODB.config import BaseConfig
 
-from compositestorage.errors import ConfigurationError
-from compositestorage.partition import MAX_PREFIX
+from compositestorage.partition import check_layout
 from compositestorage.partition import Partition
 from compositestorage.storage import CompositeStorage
 
@@ -53,39 +52,9 @@ class CompositeStorageConfig(BaseConfig):
 
 def check_sections(sections, default_partition=None):
     """Refuse a bad ``<compositestorage>`` before opening any child."""
-    names = {}
-    prefixes = {}
-    paths = {}
+    layout = []
     for s in sections:
-        if s.storage is None:
-            raise ConfigurationError(
-                'partition %r has no storage section; give it exactly one '
-                '(<filestorage>, <mappingstorage>, <zeoclient>, ...)'
-                % s.name)
-        if not 0 <= s.prefix <= MAX_PREFIX:
-            raise ConfigurationError(
-                'partition %r has prefix %d; prefixes run from 0 to %d'
-                % (s.name, s.prefix, MAX_PREFIX))
-        if s.prefix in prefixes:
-            raise ConfigurationError(
-                'partitions %r and %r both have prefix %d; each partition '
-                'needs its own' % (prefixes[s.prefix], s.name, s.prefix))
-        prefixes[s.prefix] = s.name
-        names[s.name] = s
         path = getattr(getattr(s.storage, 'config', None), 'path', None)
-        if path:
-            path = os.path.realpath(path)
-            if path in paths:
-                raise ConfigurationError(
-                    'partitions %r and %r both use %s; each partition needs '
-                    'a storage of its own' % (paths[path], s.name, path))
-            paths[path] = s.name
-    if 0 not in prefixes:
-        raise ConfigurationError(
-            'no partition has prefix 0; exactly one partition, the primary, '
-            'must have prefix 0 (configured: %s)'
-            % ', '.join('%s=%d' % (s.name, s.prefix) for s in sections))
-    if default_partition is not None and default_partition not in names:
-        raise ConfigurationError(
-            'default-partition %r is not a configured partition '
-            '(configured: %s)' % (default_partition, ', '.join(names)))
+        key = ('file', os.path.realpath(path)) if path else None
+        layout.append((s.name, s.prefix, s.storage, key))
+    check_layout(layout, default_partition)

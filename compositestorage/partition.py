@@ -49,6 +49,63 @@ def is_internal(oid, prefix):
     return oid[0] != prefix or oid[1:] == MAP_SUFFIX
 
 
+def check_partition(name, prefix, storage):
+    """Refuse one partition that can never be valid."""
+    if not isinstance(prefix, int) or not 0 <= prefix <= MAX_PREFIX:
+        raise ConfigurationError(
+            'partition %r has prefix %r; prefixes run from 0 to %d '
+            '(the top bit stays clear for RelStorage)'
+            % (name, prefix, MAX_PREFIX))
+    if storage is None:
+        raise ConfigurationError(
+            'partition %r has no storage; give it exactly one storage '
+            'section (<filestorage>, <mappingstorage>, <zeoclient>, ...)'
+            % name)
+
+
+def check_layout(partitions, default_partition=None):
+    """Refuse partitions that cannot form one composite.
+
+    ``partitions`` are ``(name, prefix, storage, key)`` tuples, where
+    ``key`` is equal for two handles on one child storage (its real path,
+    for files).  The config checks them before any child is opened, the
+    storage again when it is built from Python.
+    """
+    if not partitions:
+        raise ConfigurationError('a composite needs at least one partition')
+    names = {}
+    prefixes = {}
+    keys = {}
+    for name, prefix, storage, key in partitions:
+        check_partition(name, prefix, storage)
+        if name in names:
+            raise ConfigurationError(
+                'two partitions are called %r; names must be unique' % name)
+        if prefix in prefixes:
+            raise ConfigurationError(
+                'partitions %r and %r both have prefix %d; each partition '
+                'needs its own' % (prefixes[prefix], name, prefix))
+        if key is not None and key in keys:
+            raise ConfigurationError(
+                'partitions %r and %r use the same storage %s; each '
+                'partition needs a child of its own'
+                % (keys[key], name, key[-1]))
+        names[name] = prefix
+        prefixes[prefix] = name
+        if key is not None:
+            keys[key] = name
+    if 0 not in prefixes:
+        raise ConfigurationError(
+            'no partition has prefix 0; exactly one partition, the primary, '
+            'must have prefix 0 (configured: %s)'
+            % ', '.join('%s=%d' % (p[0], p[1]) for p in partitions))
+    if default_partition is not None and default_partition not in names:
+        raise ConfigurationError(
+            'default-partition %r is not a configured partition '
+            '(configured: %s)' % (default_partition, ', '.join(
+                '%s=%d' % item for item in names.items())))
+
+
 class PartitionMap(persistent.Persistent):
     """The partition map a child records, as a plain ZODB sees it."""
 
@@ -78,15 +135,7 @@ class Partition:
     """
 
     def __init__(self, name, prefix, storage, read_only=False):
-        if not isinstance(prefix, int) or not 0 <= prefix <= MAX_PREFIX:
-            raise ConfigurationError(
-                'partition %r has prefix %r; prefixes run from 0 to %d '
-                '(the top bit stays clear for RelStorage)'
-                % (name, prefix, MAX_PREFIX))
-        if storage is None:
-            raise ConfigurationError(
-                'partition %r has no storage; give it exactly one storage '
-                'section' % name)
+        check_partition(name, prefix, storage)
         self.name = name
         self.prefix = prefix
         self.storage = storage

@@ -31,10 +31,10 @@ from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import UnknownPartitionError
 from compositestorage.errors import oid_hex
-from compositestorage.partition import MAX_PREFIX
 from compositestorage.partition import Partition
 from compositestorage.partition import is_internal
 from compositestorage.partition import check_foreign_records
+from compositestorage.partition import check_layout
 from compositestorage.partition import check_maps
 from compositestorage.placement import make_policy
 from compositestorage.references import STUB_GLOBAL
@@ -60,21 +60,20 @@ class CompositeStorage(blobs.BlobMethods):
 
     def __init__(self, partitions, name=None, placement='default',
                  default_partition=None, read_only=False, pack_gc=True):
+        check_layout([
+            (p.name, p.prefix, p.storage, storage_identity(p.storage))
+            if isinstance(p, Partition) else
+            (p[0], p[1], p[2],
+             None if p[2] is None else storage_identity(p[2]))
+            for p in partitions], default_partition)
         parts = [p if isinstance(p, Partition) else Partition(*p)
                  for p in partitions]
-        check_partitions(parts)
         self.partitions = sorted(parts, key=lambda p: p.prefix)
         self._by_prefix = {p.prefix: p for p in self.partitions}
         self._by_name = {p.name: p for p in self.partitions}
         self.primary = self._by_prefix[0]
-        if default_partition is None:
-            self.default_partition = self.primary
-        elif default_partition in self._by_name:
-            self.default_partition = self._by_name[default_partition]
-        else:
-            raise ConfigurationError(
-                'default-partition %r is not a configured partition '
-                '(configured: %s)' % (default_partition, self._names()))
+        self.default_partition = self._by_name.get(default_partition,
+                                                   self.primary)
         self._read_only = bool(read_only)
         if self._read_only:
             for p in self.partitions:
@@ -410,49 +409,9 @@ class CompositeStorage(blobs.BlobMethods):
 gc_pack = gc.pack
 
 
-def check_partitions(parts):
-    """Refuse a set of partitions that cannot form one composite."""
-    if not parts:
-        raise ConfigurationError('a composite needs at least one partition')
-    names = {}
-    prefixes = {}
-    stores = {}
-    for p in parts:
-        if not isinstance(p.prefix, int) or not 0 <= p.prefix <= MAX_PREFIX:
-            raise ConfigurationError(
-                'partition %r has prefix %r; prefixes run from 0 to %d '
-                '(the top bit stays clear for RelStorage)'
-                % (p.name, p.prefix, MAX_PREFIX))
-        if p.name in names:
-            raise ConfigurationError(
-                'two partitions are called %r; names must be unique' % p.name)
-        if p.prefix in prefixes:
-            raise ConfigurationError(
-                'partitions %r and %r both have prefix %d; each partition '
-                'needs its own' % (prefixes[p.prefix], p.name, p.prefix))
-        if p.storage is None:
-            raise ConfigurationError(
-                'partition %r has no storage; give it exactly one storage '
-                'section' % p.name)
-        key = storage_identity(p.storage)
-        if key in stores:
-            raise ConfigurationError(
-                'partitions %r and %r use the same storage %s; each '
-                'partition needs a child of its own'
-                % (stores[key], p.name, p.storage.getName()))
-        stores[key] = p.name
-        names[p.name] = p
-        prefixes[p.prefix] = p.name
-    if 0 not in prefixes:
-        raise ConfigurationError(
-            'no partition has prefix 0; exactly one partition, the primary, '
-            'must have prefix 0 (configured: %s)'
-            % ', '.join('%s=%d' % (p.name, p.prefix) for p in parts))
-
-
 def storage_identity(storage):
     """Something equal for two handles on the same child storage."""
     path = getattr(storage, '_file_name', None)
     if path:
         return ('file', os.path.realpath(path))
-    return ('object', id(storage))
+    return ('object', id(storage), storage.getName())
