@@ -22,6 +22,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import newTid
 from ZODB.utils import z64
 
+from compositestorage.errors import CorruptStubError
 from compositestorage.partition import is_internal
 from compositestorage.references import class_of
 from compositestorage.stubs import read_stub
@@ -159,6 +160,11 @@ class Coordinator:
         except POSKeyError:
             return None
         home, klass = read_stub(data, part.name, oid)
+        expected = self._storage.partition_for(oid)
+        if home != expected.name:
+            raise CorruptStubError(
+                part.name, oid, 'it names %r as the home partition, but the '
+                'oid belongs to %r' % (home, expected.name))
         part.stubs[oid] = klass
         return (klass,)
 

@@ -25,7 +25,7 @@ from ZODB.utils import u64
 from ZODB.utils import z64
 
 from compositestorage import blobs
-from compositestorage import gc
+from compositestorage import gc as global_gc
 from compositestorage import iteration
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
@@ -88,7 +88,6 @@ class CompositeStorage(blobs.BlobMethods):
         self._finish_lock = threading.RLock()
         self._coordinator = Coordinator(self)
         self._policy = make_policy(placement, self)
-        self._db = None
         self.identity = None
         self._check_maps()
         self._declare_interfaces()
@@ -155,9 +154,6 @@ class CompositeStorage(blobs.BlobMethods):
                 'no partition named %r (configured: %s)'
                 % (name, self._names()))
 
-    def is_internal(self, oid, part):
-        return is_internal(oid, part.prefix)
-
     def to_child(self, part, oid, data, state):
         """The record ``part``'s child stores for ``data``; notes stubs."""
         foreign, hinted = crossing(data, part.prefix)
@@ -222,7 +218,7 @@ class CompositeStorage(blobs.BlobMethods):
             return self._ltid
 
     def registerDB(self, db):
-        self._db = db
+        """Nothing to do: invalidations reach ZODB through tpc_finish."""
 
     def close(self):
         for p in self.partitions:
@@ -396,17 +392,17 @@ class CompositeStorage(blobs.BlobMethods):
         iteration.copy_transactions(other, self)
 
     def pack(self, t, referencesf=None, gc=None):
+        """Pack every partition to ``t``; see :mod:`compositestorage.gc`.
+
+        ``referencesf`` is ignored: the composite finds references itself.
+        """
         if self._read_only:
             raise POSException.ReadOnlyError()
-        if gc is None:
-            gc = self._pack_gc
-        return gc_pack(self, t, gc)
+        return global_gc.pack(self, t, self._pack_gc if gc is None else gc)
 
     def __repr__(self):
         return '<CompositeStorage %s>' % self.__name__
 
-
-gc_pack = gc.pack
 
 
 def storage_identity(storage):
