@@ -234,6 +234,23 @@ class CompositeStorage(blobs.BlobMethods):
         return all(getattr(p.storage, 'supportsUndo', lambda: False)()
                    for p in self.partitions)
 
+    # --- conflict resolution ------------------------------------------------------
+
+    @property
+    def tryToResolveConflict(self):
+        """The children resolve conflicts, each in its own records.
+
+        A ZEO server with ``client-conflict-resolution`` assigns its own
+        resolver here; it must reach every child, because the children
+        are the ones that call it.
+        """
+        return self.primary.storage.tryToResolveConflict
+
+    @tryToResolveConflict.setter
+    def tryToResolveConflict(self, resolve):
+        for p in self.partitions:
+            p.storage.tryToResolveConflict = resolve
+
     # --- oids -------------------------------------------------------------------
 
     def new_oid(self):
