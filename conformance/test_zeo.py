@@ -93,6 +93,16 @@ class TestZEOComposite(testZEO.FullGenericTests, unittest.TestCase):
     def getConfig(self):
         return composite_config()
 
+    def checkInterfaceFromRemoteStorage(self):
+        # As ZEO's FileStorageTests check: the client reflects the
+        # interfaces the served composite declares for these children.
+        served = set(self._storage._info['interfaces'])
+        for iface in ('IStorageRestoreable', 'IStorageIteration',
+                      'IStorageUndoable', 'IStorageCurrentRecordIteration',
+                      'IExternalGC', 'IStorage', 'IMultiCommitStorage'):
+            self.assertIn(('ZODB.interfaces', iface), served)
+        self.assertNotIn(('ZODB.interfaces', 'IBlobStorage'), served)
+
 
 @_blob_tests_only
 class TestZEOFileStorageBlobs(testZEO.BlobAdaptedFileStorageTests,
