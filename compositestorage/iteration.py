@@ -226,6 +226,38 @@ def undo_info(storage, first=0, last=-20, specification=None):
     return undo_log(storage, first, last, filter)
 
 
+def last_invalidations(storage, count):
+    """The last ``count`` transactions' ``(tid, oids)``, oldest first.
+
+    A ZEO server fills its invalidation queue from this when it starts, so
+    clients that were up to date before a restart keep their caches.  The
+    tids come from the children's undo logs, read backwards; children
+    without one are iterated.
+    """
+    tids = set()
+    for part in storage.partitions:
+        child = part.storage
+        if getattr(child, 'supportsUndo', lambda: False)():
+            entries = child.undoLog(0, count, _visible(None))
+            tids.update(tid_of(e['id']) for e in entries)
+        else:
+            it = child.iterator()
+            try:
+                tids.update(t.tid for t in it
+                            if not is_internal_transaction(t.extension))
+            finally:
+                getattr(it, 'close', lambda: None)()
+    result = []
+    for tid in sorted(tids)[-count:] if count > 0 else ():
+        it = CompositeIterator(storage, tid, tid)
+        try:
+            for txn in it:
+                result.append((txn.tid, [r.oid for r in txn]))
+        finally:
+            it.close()
+    return result
+
+
 def copy_transactions(source, destination):
     """``copyTransactionsFrom``: blobs included when both sides have them."""
     if IBlobStorage.providedBy(destination) and \
@@ -237,4 +269,4 @@ def copy_transactions(source, destination):
 
 
 __all__ = ['CompositeIterator', 'record_iternext', 'undo', 'undo_log',
-           'undo_info', 'copy_transactions']
+           'undo_info', 'last_invalidations', 'copy_transactions']

@@ -10,6 +10,7 @@ import os
 import threading
 
 import zope.interface
+from ZEO.interfaces import IServeable
 from ZODB import POSException
 from ZODB.interfaces import IBlobStorage
 from ZODB.interfaces import IBlobStorageRestoreable
@@ -119,7 +120,7 @@ class CompositeStorage(blobs.BlobMethods):
 
     def _declare_interfaces(self):
         children = [p.storage for p in self.partitions]
-        provided = [IStorage, IMultiCommitStorage]
+        provided = [IStorage, IMultiCommitStorage, IServeable]
         if all(IStorageIteration.providedBy(c) for c in children):
             provided.append(IStorageIteration)
         if all(IStorageRestoreable.providedBy(c) for c in children):
@@ -404,6 +405,12 @@ class CompositeStorage(blobs.BlobMethods):
 
     def record_iternext(self, next=None):
         return iteration.record_iternext(self, next)
+
+    def lastInvalidations(self, size):
+        """ZEO's IServeable: the last ``size`` transactions' oids, oldest
+        first, so that a restarted server can still update its clients'
+        caches instead of making them drop everything."""
+        return iteration.last_invalidations(self, size)
 
     def copyTransactionsFrom(self, other):
         iteration.copy_transactions(other, self)
