@@ -16,6 +16,7 @@ with the mark's verdict:
 The mark keeps oids in an ``fsIndex``, not a Python set, so its memory stays
 near 8 bytes an oid.
 """
+import inspect
 import logging
 import time
 
@@ -134,20 +135,41 @@ def _rooted_packer(extra_roots):
     return packer
 
 
+def _takes_gc(pack):
+    try:
+        return 'gc' in inspect.signature(pack).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def sweep(part, t, roots):
     child = part.storage
-    if isinstance(child, FileStorage):
+    base = part.base
+    if isinstance(base, FileStorage):
         missing = object()
-        previous = child.__dict__.get('packer', missing)
-        child.packer = _rooted_packer(roots)
+        previous = base.__dict__.get('packer', missing)
+        base.packer = _rooted_packer(roots)
         try:
-            child.pack(t, referencesf, gc=True)
+            if base is child:
+                child.pack(t, referencesf, gc=True)
+            else:
+                # ZODB's BlobStorage proxy packs its blobs too, and lets
+                # the FileStorage's own pack-gc setting decide on GC.
+                child.pack(t, referencesf)
         finally:
             if previous is missing:
-                del child.packer
+                del base.packer
             else:
-                child.packer = previous
-    else:
+                base.packer = previous
+    elif _takes_gc(child.pack):
         logger.info('pack: partition %r (%s) packs without GC; its garbage '
                     'stays', part.name, type(child).__name__)
         child.pack(t, referencesf, gc=False)
+    else:
+        # ZEO's ClientStorage and RelStorage cannot be told not to collect
+        # garbage, and a child that does loses objects other partitions
+        # refer to (DESIGN.md, invariant 7): leave it alone.
+        logger.warning(
+            'pack: partition %r (%s) was not packed: its pack cannot be told '
+            'not to collect garbage on its own.  Pack it where it is served, '
+            'with pack-gc false there', part.name, type(child).__name__)

@@ -36,6 +36,11 @@ MAX_PREFIX = 0x7f
 MAP_SUFFIX = b'\xff' * 7
 
 
+def base_storage(storage):
+    """The storage under ZODB's ``BlobStorage`` proxy, or ``storage``."""
+    return getattr(storage, '_BlobStorage__storage', storage)
+
+
 def map_oid(prefix):
     """The oid of the partition-map record in partition ``prefix``."""
     return bytes((prefix,)) + MAP_SUFFIX
@@ -139,6 +144,8 @@ class Partition:
         self.name = name
         self.prefix = prefix
         self.storage = storage
+        #: the child itself, or the FileStorage under a BlobStorage proxy
+        self.base = base_storage(storage)
         self.read_only = bool(read_only or storage.isReadOnly())
         self.map_oid = map_oid(prefix)
         self._base = prefix << 56
@@ -181,7 +188,7 @@ class Partition:
 
     def max_own_oid(self):
         """The highest oid of this partition's own objects, or ``None``."""
-        child = self.storage
+        child = self.base
         below = p64(self._limit - 1)
         if isinstance(child, FileStorage):
             try:
@@ -196,10 +203,10 @@ class Partition:
         return best
 
     def _own_oids(self):
-        child = self.storage
+        child = self.base
         if isinstance(child, MappingStorage):
             oids = list(child._data)
-        else:
+        elif hasattr(child, 'record_iternext'):
             oids = []
             token = None
             while True:
@@ -210,6 +217,21 @@ class Partition:
                 oids.append(oid)
                 if token is None:
                     break
+        elif hasattr(child, 'iterator'):
+            oids = set()
+            it = child.iterator()
+            try:
+                for txn in it:
+                    oids.update(r.oid for r in txn)
+            finally:
+                getattr(it, 'close', lambda: None)()
+        else:
+            raise ConfigurationError(
+                'partition %r: its %s can neither list its current records '
+                '(record_iternext) nor iterate its transactions, so the '
+                'composite cannot tell which oids it has used; use another '
+                'storage type for this partition'
+                % (self.name, type(child).__name__))
         return [oid for oid in oids
                 if oid[0] == self.prefix and oid != self.map_oid]
 
@@ -218,7 +240,7 @@ class Partition:
 
         ``None`` for child types whose oids cannot be listed cheaply.
         """
-        child = self.storage
+        child = self.base
         if isinstance(child, FileStorage):
             return {key[0] for key in child._index._data.keys()}
         if isinstance(child, MappingStorage):
@@ -226,7 +248,7 @@ class Partition:
         return None
 
     def first_oid_with_prefix(self, prefix):
-        child = self.storage
+        child = self.base
         start = bytes((prefix,)) + b'\0' * 7
         if isinstance(child, FileStorage):
             return child._index.minKey(start)
@@ -234,7 +256,7 @@ class Partition:
 
     def count_own(self):
         """The number of this partition's own objects (no internal ones)."""
-        child = self.storage
+        child = self.base
         if isinstance(child, FileStorage):
             index = child._index
             lo = bytes((self.prefix,)) + b'\0' * 5
@@ -295,11 +317,11 @@ class Partition:
             return child.getTid(oid)
         except (POSKeyError, KeyError):
             pass
-        if isinstance(child, FileStorage):
-            with child._lock:
-                pos = child._index.get(oid)
+        if isinstance(self.base, FileStorage):
+            with self.base._lock:
+                pos = self.base._index.get(oid)
                 if pos:
-                    return child._read_data_header(pos, oid).tid
+                    return self.base._read_data_header(pos, oid).tid
         return None
 
 
