@@ -247,6 +247,22 @@ class Partition:
             return {oid[0] for oid in child._data}
         return None
 
+    def count_stubs(self):
+        """How many stubs this child holds: its records at foreign oids.
+
+        The root stub at ``z64`` of a secondary counts too.  ``None`` for
+        children whose oids cannot be listed cheaply.
+        """
+        child = self.base
+        if isinstance(child, FileStorage):
+            # fsIndex keeps a bucket per 6-byte oid prefix: count by bucket
+            return sum(len(bucket)
+                       for key, bucket in child._index._data.items()
+                       if key[0] != self.prefix)
+        if isinstance(child, MappingStorage):
+            return sum(1 for oid in child._data if oid[0] != self.prefix)
+        return None
+
     def first_oid_with_prefix(self, prefix):
         child = self.base
         start = bytes((prefix,)) + b'\0' * 7

@@ -1,0 +1,789 @@
+"""The ``compositestorage`` command-line tool.
+
+``compositestorage serve`` serves a composite over ZEO, with ZEO's own
+``runzeo`` machinery in this process; ``compositestorage info`` opens a
+composite read-only and shows what each partition holds;
+``compositestorage demo`` commits a cross-partition reference into the
+embedded default and shows it.  ``python -m compositestorage`` runs the
+same tool.
+
+Errors are reported as one line on stderr, ``compositestorage: error:
+...``, with exit status 1 (2 for command-line usage errors, as argparse
+does); ``--traceback`` shows the full traceback instead.
+"""
+import argparse
+import datetime
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import tempfile
+
+import ZConfig
+import ZConfig.datatypes
+import zc.lockfile
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import z64
+
+PROG = 'compositestorage'
+
+#: Where ``serve`` listens when neither ``--address`` nor a config says.
+DEFAULT_ADDRESS = '127.0.0.1:8100'
+
+#: The embedded default's partitions: (name, prefix, file under ``var``).
+DEFAULT_PARTITIONS = (('main', 0, 'main.fs'), ('catalog', 1, 'catalog.fs'))
+
+DEFAULT_ZEO_CONF = """\
+%%import compositestorage
+
+<zeo>
+  address %(address)s
+</zeo>
+
+<compositestorage 1>
+  name default
+  blob-dir %(var)s/blobs
+%(partitions)s
+</compositestorage>
+"""
+
+PARTITION_CONF = """\
+  <partition %(name)s>
+    prefix %(prefix)d
+    <filestorage>
+      path %(var)s/%(file)s
+    </filestorage>
+  </partition>"""
+
+
+class CLIError(Exception):
+    """An error to report as one line, without a traceback."""
+
+
+# --- the embedded default ----------------------------------------------------
+
+def default_zeo_conf(address=DEFAULT_ADDRESS, var='var'):
+    """zeo.conf text for the embedded default served at ``address``.
+
+    Storage ``1`` is a composite of FileStorage partitions ``main``
+    (prefix 0) and ``catalog`` (prefix 1) under ``var``, sharing the blob
+    directory ``var/blobs``.
+    """
+    parts = '\n'.join(PARTITION_CONF % dict(name=name, prefix=prefix,
+                                            var=var, file=fname)
+                      for name, prefix, fname in DEFAULT_PARTITIONS)
+    return DEFAULT_ZEO_CONF % dict(address=address, var=var,
+                                   partitions=parts)
+
+
+def default_storage(var='var'):
+    """The embedded default, opened in this process."""
+    from ZODB.FileStorage import FileStorage
+
+    from compositestorage import CompositeStorage
+    os.makedirs(var, exist_ok=True)
+    children = []
+    try:
+        for name, prefix, fname in DEFAULT_PARTITIONS:
+            children.append((name, prefix,
+                             FileStorage(os.path.join(var, fname))))
+        return CompositeStorage(children, name='default')
+    except BaseException:
+        for _, _, fs in children:
+            fs.close()
+        raise
+
+
+# --- describing storages -------------------------------------------------------
+
+def storage_path(storage):
+    """A FileStorage's path (relative to the cwd when below it), or name."""
+    path = getattr(storage, '_file_name', None)
+    if not path:
+        return storage.getName()
+    rel = os.path.relpath(path)
+    return path if rel.startswith(os.pardir) else rel
+
+
+def describe_tid(tid):
+    """``{'tid': hex, 'time': 'YYYY-MM-DD HH:MM:SS.ffffff UTC'}``."""
+    if not tid or tid == z64:
+        return {'tid': (tid or z64).hex(), 'time': None}
+    return {'tid': tid.hex(), 'time': '%s UTC' % TimeStamp(tid)}
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
+
+
+def describe(storage):
+    """What ``info`` shows about ``storage``, as a JSON-ready dict."""
+    from compositestorage import CompositeStorage
+    if isinstance(storage, CompositeStorage):
+        return describe_composite(storage)
+    return describe_plain(storage)
+
+
+def describe_composite(storage):
+    parts = []
+    for part in storage.partitions:
+        child = part.storage
+        parts.append({
+            'name': part.name,
+            'prefix': part.prefix,
+            'type': type(child).__name__,
+            'path': storage_path(child),
+            'read_only': part.read_only,
+            'objects': part.count_own(),
+            'stubs': part.count_stubs(),
+            'size': child.getSize(),
+            'last_transaction': describe_tid(child.lastTransaction()),
+            'map': _json_safe(part.read_map()),
+        })
+    return {
+        'name': storage.getName(),
+        'type': type(storage).__name__,
+        'composite': True,
+        # A composite whose children record no map yet has no identity:
+        # a read-only open makes up a new one each time.
+        'identity': (storage.identity
+                     if any(p['map'] for p in parts) else None),
+        'read_only': storage.isReadOnly(),
+        'last_transaction': describe_tid(storage.lastTransaction()),
+        'objects': len(storage),
+        'size': storage.getSize(),
+        'partitions': parts,
+    }
+
+
+def describe_plain(storage):
+    """A storage that is not a composite here (a ZEO client, say)."""
+    out = {
+        'name': storage.getName(),
+        'type': type(storage).__name__,
+        'composite': False,
+        'read_only': storage.isReadOnly(),
+        'last_transaction': describe_tid(storage.lastTransaction()),
+        'objects': len(storage),
+        'size': storage.getSize(),
+    }
+    server = getattr(storage, '_addr', None)
+    if server is not None:
+        if isinstance(server, (list, tuple)) and server and \
+                isinstance(server[0], (list, tuple, str, bytes)):
+            out['server'] = ', '.join(format_address(a) for a in server)
+        else:
+            out['server'] = format_address(server)
+        out['note'] = (
+            'this is a ZEO client, not a composite: per-partition detail '
+            'needs the server\'s config; run "compositestorage info '
+            'ZEO.CONF" where the server runs')
+    else:
+        out['path'] = storage_path(storage)
+    return out
+
+
+def format_map(recorded):
+    if not recorded:
+        return 'none recorded yet'
+    others = ', '.join('%s=%s' % item for item in sorted(
+        (recorded.get('partitions') or {}).items(), key=lambda i: i[1]))
+    return 'partition %s (prefix %s) of composite %s; partitions %s' % (
+        recorded.get('partition'), recorded.get('prefix'),
+        recorded.get('composite'), others)
+
+
+def format_tid(described):
+    if described['time'] is None:
+        return 'none (0x%s)' % described['tid']
+    return '%s (0x%s)' % (described['time'], described['tid'])
+
+
+def format_info(info):
+    """The text ``info`` prints: one ``key value`` line per fact."""
+    lines = []
+    kind = 'composite' if info['composite'] else 'storage'
+    lines.append('%s %s' % (kind, info['name']))
+    row = '  %-17s %s'
+    lines.append(row % ('type', info['type'] + (
+        ' (read-only)' if info['read_only'] else '')))
+    if info['composite']:
+        lines.append(row % ('identity',
+                            info['identity'] or 'none recorded yet'))
+    if info.get('server'):
+        lines.append(row % ('server', info['server']))
+    if info.get('path'):
+        lines.append(row % ('path', info['path']))
+    lines.append(row % ('last transaction',
+                        format_tid(info['last_transaction'])))
+    lines.append(row % ('objects', info['objects']))
+    lines.append(row % ('size', '%d bytes' % info['size']))
+    if info.get('note'):
+        lines.append(row % ('note', info['note']))
+    for part in info.get('partitions', ()):
+        lines.append('partition %s' % part['name'])
+        lines.append(row % ('prefix', part['prefix']))
+        lines.append(row % ('type', part['type'] + (
+            ' (read-only)' if part['read_only'] else '')))
+        lines.append(row % ('path', part['path']))
+        lines.append(row % ('objects', part['objects']))
+        lines.append(row % ('stubs', 'unknown' if part['stubs'] is None
+                            else part['stubs']))
+        lines.append(row % ('size', '%d bytes' % part['size']))
+        lines.append(row % ('last transaction',
+                            format_tid(part['last_transaction'])))
+        lines.append(row % ('map', format_map(part['map'])))
+    return '\n'.join(lines)
+
+
+# --- opening read-only -----------------------------------------------------
+
+def _sections(opener, _seen=None):
+    """Every section of a parsed storage section, itself included.
+
+    Works on the openers ``ZODB.config`` builds (``<filestorage>``,
+    ``<zeoclient>``, ...) and on ``<compositestorage>`` with its
+    ``<partition>`` sections: yields their ``SectionValue`` objects and
+    the ``PartitionSection`` objects.
+    """
+    from ZConfig.matcher import SectionValue
+    from ZODB.config import BaseConfig
+
+    from compositestorage.config import PartitionSection
+    seen = set() if _seen is None else _seen
+    if id(opener) in seen:
+        return
+    seen.add(id(opener))
+    if isinstance(opener, (list, tuple)):
+        for item in opener:
+            yield from _sections(item, seen)
+    elif isinstance(opener, PartitionSection):
+        yield opener
+        yield from _sections(opener.storage, seen)
+    elif isinstance(opener, BaseConfig):
+        yield from _sections(opener.config, seen)
+    elif isinstance(opener, SectionValue):
+        yield opener
+        for name, value in list(vars(opener).items()):
+            if not name.startswith('_'):
+                yield from _sections(value, seen)
+
+
+def make_read_only(opener):
+    """Mark a parsed storage section, and every section in it, read-only,
+    before anything is opened."""
+    for section in _sections(opener):
+        if hasattr(section, 'read_only'):
+            section.read_only = True
+
+
+def drop_blob_dirs(opener):
+    """Open without blob directories: ``info`` reads no blob, and a
+    FileStorage creates its blob directory even when read-only."""
+    for section in _sections(opener):
+        if getattr(section, 'blob_dir', None):
+            section.blob_dir = None
+
+
+def _zeo_schema():
+    import ZEO
+    return ZConfig.loadSchema(
+        os.path.join(os.path.dirname(ZEO.__file__), 'schema.xml'))
+
+
+_SECTION_RE = r'^\s*<\s*%s[\s>]'
+
+
+def storage_opener_from_file(path):
+    """The storage opener a ZConfig file describes.
+
+    The file is a ``<zodb>`` database config, a bare storage section (a
+    ``<compositestorage>``, say) or a ``zeo.conf``, each with its
+    ``%import compositestorage``.  In a ``zeo.conf`` with several
+    storages, the first composite is chosen.
+    """
+    import ZODB.config
+
+    from compositestorage.config import CompositeStorageConfig
+    with open(path) as f:
+        text = f.read()
+    if re.search(_SECTION_RE % 'zeo', text, re.I | re.M):
+        config, _ = ZConfig.loadConfig(_zeo_schema(), path)
+        storages = list(config.storages or ())
+        composites = [s for s in storages
+                      if isinstance(s, CompositeStorageConfig)]
+        found = (composites or storages or [None])[0]
+    elif re.search(_SECTION_RE % 'zodb', text, re.I | re.M):
+        config, _ = ZConfig.loadConfig(ZODB.config.getDbSchema(), path)
+        databases = list(config.database or ())
+        found = databases[0].config.storage if databases else None
+    else:
+        config, _ = ZConfig.loadConfig(ZODB.config.getStorageSchema(), path)
+        found = config.storage
+    if found is None:
+        raise CLIError('%s configures no storage: give it a '
+                       '<compositestorage> section (after "%%import '
+                       'compositestorage"), in a <zodb> section or not'
+                       % path)
+    return found
+
+
+_SCHEME_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):')
+
+
+def uri_schemes():
+    from importlib.metadata import entry_points
+    return sorted({ep.name for ep in entry_points(group='zodburi.resolvers')})
+
+
+def _with_query(uri, key, value):
+    """``uri`` with ``key=value`` in its query (replacing any given)."""
+    base, hash_, frag = uri.partition('#')
+    path, q, query = base.partition('?')
+    pairs = [p for p in query.split('&')
+             if p and p.split('=', 1)[0] != key]
+    pairs.append('%s=%s' % (key, value))
+    return path + '?' + '&'.join(pairs) + hash_ + frag
+
+
+def _has_query(uri, key):
+    query = uri.partition('#')[0].partition('?')[2]
+    return any(p.split('=', 1)[0] == key for p in query.split('&'))
+
+
+def uri_scheme(uri):
+    m = _SCHEME_RE.match(uri)
+    return m.group(1) if m else None
+
+
+def read_only_uri(uri):
+    """``uri`` spelled so that its resolver opens it read-only.
+
+    ``file:`` and ``zeo:`` get ``read_only=1`` in their query, as
+    zodburi's resolvers spell it (``zeo:`` also a ``wait_timeout``, so that
+    a missing server is reported rather than waited for); a ``composite:``
+    URI gets ``read_only=true`` and each of its child URIs is made
+    read-only in turn, so that no child file is locked or created.
+    Other schemes are returned unchanged (``zconfig:`` configs are made
+    read-only when they are resolved, see :func:`storage_factory_from_uri`).
+    """
+    scheme = uri_scheme(uri)
+    if scheme == 'composite':
+        try:
+            from compositestorage import uri as composite_uri
+        except ImportError:
+            return _with_query(uri, 'read_only', 'true')
+        from urllib.parse import parse_qsl
+        parts, query = composite_uri.parse_uri(uri)
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        options['read_only'] = True
+        return composite_uri.format_uri(
+            [(name, prefix, read_only_uri(child))
+             for name, prefix, child in parts], **options)
+    if scheme in ('file', 'zeo'):
+        uri = _with_query(uri, 'read_only', '1')
+    if scheme == 'zeo' and not _has_query(uri, 'wait_timeout'):
+        uri = _with_query(uri, 'wait_timeout', '10')
+    return uri
+
+
+def storage_factory_from_uri(uri):
+    """A no-argument callable opening the storage ``uri`` names, read-only.
+
+    See :func:`read_only_uri`; a ``zconfig:`` config is marked read-only,
+    every section in it, before it opens.
+    """
+    import zodburi
+    from ZODB.config import BaseConfig
+    scheme = uri_scheme(uri)
+    known = uri_schemes()
+    if scheme not in known:
+        raise CLIError('unknown URI scheme %r in %s (known schemes: %s); '
+                       'for a ZConfig file give its path'
+                       % (scheme, uri, ', '.join(known)))
+    try:
+        factory, _dbkw = zodburi.resolve_uri(read_only_uri(uri))
+    except zodburi.UnknownDatabaseKeywords as e:
+        raise CLIError('%s: %s' % (uri, e.args[0]))
+    except ImportError as e:
+        raise CLIError('the resolver for %r URIs cannot be loaded: %s'
+                       % (scheme, e))
+    except KeyError as e:  # zconfig: "No storage or database named ..."
+        raise CLIError('%s: %s' % (uri, e.args[0] if e.args else e))
+    opener = getattr(factory, '__self__', None)
+    if isinstance(opener, BaseConfig):
+        make_read_only(opener)
+        drop_blob_dirs(opener)
+    return factory
+
+
+def open_read_only(target):
+    """Open ``target``, a ZConfig file or a zodburi URI, read-only."""
+    if os.path.isfile(target):
+        opener = storage_opener_from_file(target)
+        make_read_only(opener)
+        drop_blob_dirs(opener)
+        storage = opener.open()
+    elif os.path.exists(target):
+        raise CLIError('%s is not a file: give a ZConfig file or a URI'
+                       % target)
+    elif _SCHEME_RE.match(target):
+        factory = storage_factory_from_uri(target)
+        from ZEO.Exceptions import ClientDisconnected
+        try:
+            storage = factory()
+        except ClientDisconnected as e:
+            raise CLIError('cannot reach the ZEO server of %s: %s'
+                           % (target, e))
+    else:
+        raise CLIError('no such file: %s (give a ZConfig file or a URI '
+                       'such as zconfig://PATH or zeo://HOST:PORT)'
+                       % target)
+    if not storage.isReadOnly():
+        storage.close()
+        raise CLIError('%s did not open read-only (a %s); info does not '
+                       'open storages for writing'
+                       % (target, type(storage).__name__))
+    return storage
+
+
+# --- serving ------------------------------------------------------------------
+
+def _runzeo_classes():
+    from ZEO.runzeo import ZEOOptions
+    from ZEO.runzeo import ZEOServer
+
+    class Options(ZEOOptions):
+        """runzeo's options, with errors raised rather than printed."""
+
+        def usage(self, msg):
+            raise CLIError(' '.join(str(msg).split()))
+
+    class Server(ZEOServer):
+        """runzeo's server: announces itself, then closes what it opened.
+
+        The storages are opened before the default logging is set up, so
+        an error while opening them is reported as one line.
+        """
+
+        storages = None
+        out = sys.stdout
+
+        def main(self):
+            self.check_socket()
+            self.clear_socket()
+            self.make_pidfile()
+            try:
+                self.open_storages()
+                self.setup_default_logging()
+                self.setup_signals()
+                self.create_server()
+                self.announce()
+                self.loop_forever()
+            finally:
+                self.close_server()
+                self.clear_socket()
+                self.remove_pidfile()
+
+        def open_storages(self):
+            self.storages = {}
+            handler = warnings_to_stderr()
+            try:
+                for opener in self.options.storages:
+                    self.storages[opener.name] = opener.open()
+            finally:
+                if handler is not None:
+                    logging.getLogger().removeHandler(handler)
+
+        def announce(self):
+            addr = self.server.acceptor.addr
+            lines = ['serving compositestorage on %s' % format_address(addr)]
+            for name, storage in sorted(self.storages.items()):
+                parts = getattr(storage, 'partitions', None)
+                if len(self.storages) > 1 or parts is None:
+                    lines.append('  storage %s %s %s' % (
+                        name, type(storage).__name__, storage_path(storage)))
+                for part in parts or ():
+                    lines.append('  partition %s prefix %d %s %s' % (
+                        part.name, part.prefix, type(part.storage).__name__,
+                        storage_path(part.storage)))
+            print('\n'.join(lines), file=self.out, flush=True)
+
+        def close_server(self):
+            # A second signal must not interrupt the clean-up.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    signal.signal(sig, signal.SIG_IGN)
+                except (ValueError, OSError):  # not the main thread
+                    pass
+            server = self.server
+            if server is None:
+                for storage in (self.storages or {}).values():
+                    storage.close()
+                return
+            loop = getattr(server.acceptor, 'event_loop', None)
+            server.close()      # closes the storages, schedules the rest
+            if loop is not None and not loop.is_closed() \
+                    and not loop.is_running():
+                try:
+                    # Let the loop close the listener and the connections.
+                    loop.run_forever()
+                finally:
+                    loop.close()
+
+    return Options, Server
+
+
+def format_address(addr):
+    if isinstance(addr, bytes):
+        addr = addr.decode()
+    if isinstance(addr, str):
+        return addr
+    host, port = addr[:2]
+    return ('[%s]:%s' if ':' in host else '%s:%s') % (host, port)
+
+
+def address_arg(value):
+    """argparse type for ``--address``: HOST:PORT, PORT or a socket path."""
+    try:
+        ZConfig.datatypes.SocketBindingAddress(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            'invalid address %r (%s); use HOST:PORT, PORT or a unix socket '
+            'path' % (value, e))
+    return value
+
+
+def cmd_serve(args, out=None):
+    out = out or sys.stdout
+    Options, Server = _runzeo_classes()
+    tmp = None
+    if args.config:
+        if not os.path.isfile(args.config):
+            raise CLIError('no such file: %s' % args.config)
+        config = args.config
+    else:
+        os.makedirs('var', exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='compositestorage-', suffix='.conf')
+        with os.fdopen(fd, 'w') as f:
+            f.write(default_zeo_conf(args.address or DEFAULT_ADDRESS))
+        config = tmp
+    argv = ['-C', config]
+    if args.address:
+        argv += ['-a', args.address]
+    try:
+        options = Options()
+        try:
+            options.realize(argv, progname=PROG + ' serve')
+        except CLIError as e:
+            if "section type 'zeo'" in str(e):
+                raise CLIError(
+                    '%s: %s has no <zeo> section; serve --config takes a '
+                    'zeo.conf: a <zeo> section (with an address) and a '
+                    '<compositestorage> section' % (e, args.config))
+            raise
+    finally:
+        if tmp:
+            os.remove(tmp)
+    server = Server(options)
+    server.out = out
+    try:
+        server.main()
+    except SystemExit as e:     # runzeo's SIGTERM and SIGINT handlers
+        return e.code if isinstance(e.code, int) else (0 if e.code is None
+                                                       else 1)
+    return 0
+
+
+# --- info -------------------------------------------------------------------
+
+def cmd_info(args, out=None):
+    out = out or sys.stdout
+    storage = open_read_only(args.target)
+    try:
+        info = describe(storage)
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True), file=out)
+    else:
+        print(format_info(info), file=out)
+    return 0
+
+
+# --- demo -------------------------------------------------------------------
+
+def cmd_demo(args, out=None):
+    out = out or sys.stdout
+    import ZODB
+    from persistent.mapping import PersistentMapping
+
+    from compositestorage import placement
+    storage = default_storage(args.var)
+    db = ZODB.DB(storage)
+    try:
+        with db.transaction('compositestorage demo') as conn:
+            root = conn.root()
+            with placement(conn, 'catalog'):
+                entry = PersistentMapping(
+                    when=datetime.datetime.now().isoformat())
+                conn.add(entry)
+            root.setdefault('runs', PersistentMapping())
+            root['runs'][str(len(root['runs']))] = entry
+        print(format_info(describe(storage)), file=out)
+    finally:
+        db.close()
+    return 0
+
+
+# --- the parser and main ------------------------------------------------------
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description='Serve and inspect compositestorage databases: one ZODB '
+                    'storage made of several child storages (partitions).',
+        epilog='Errors are reported on one line, with exit status 1 (2 for '
+               'usage errors).')
+    parser.add_argument('--traceback', action='store_true',
+                        help='show the full traceback of an error')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+
+    serve = sub.add_parser(
+        'serve', help='serve a composite over ZEO',
+        description='Serve a composite over ZEO with ZEO\'s runzeo, in this '
+                    'process.  Without --config, serve the embedded default: '
+                    'FileStorage partitions main (prefix 0, var/main.fs) and '
+                    'catalog (prefix 1, var/catalog.fs) under ./var, sharing '
+                    'the blob directory var/blobs, as ZEO storage "1" on '
+                    '%s.  Prints the address it listens on and one line per '
+                    'partition, then serves until SIGINT or SIGTERM, which '
+                    'close the storage and exit 0.' % DEFAULT_ADDRESS)
+    serve.add_argument(
+        '--config', '-C', metavar='FILE',
+        help='a zeo.conf (what "runzeo -C FILE" accepts) whose storage '
+             'section is a <compositestorage>, after "%%import '
+             'compositestorage"')
+    serve.add_argument(
+        '--address', '-a', metavar='HOST:PORT', type=address_arg,
+        help='listen here instead of the <zeo> address (default for the '
+             'embedded default: %s); port 0 picks a free port, and the '
+             'address printed is the one bound' % DEFAULT_ADDRESS)
+    serve.set_defaults(func=cmd_serve)
+
+    info = sub.add_parser(
+        'info', help='show the partitions of a composite, read-only',
+        description='Open a storage read-only and show it: for a composite, '
+                    'its name, identity and last transaction (UTC time and '
+                    'hex), then for each partition its name, prefix, child '
+                    'storage type and path, object count, stub count, size '
+                    'on disk, last transaction and the partition map the '
+                    'child records.  For a zeo:// URI, what a ZEO client '
+                    'can know: name, size, object count, last transaction.')
+    info.add_argument(
+        'target', metavar='CONFIG_OR_URI',
+        help='a ZConfig file ("%%import compositestorage" and a <zodb> '
+             'section, a bare <compositestorage> section, or a zeo.conf) '
+             'or a zodburi URI (zconfig://PATH, composite:..., '
+             'zeo://HOST:PORT, file://PATH)')
+    info.add_argument('--json', action='store_true',
+                      help='print the same facts as one JSON object')
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser(
+        'demo', help='commit a cross-partition reference into the embedded '
+                     'default and show it',
+        description='Open the embedded default (main and catalog FileStorage '
+                    'partitions under VAR) in this process, commit one '
+                    'object into each, the main one referring to the catalog '
+                    'one, and show each partition.')
+    demo.add_argument('--var', default='var',
+                      help='folder for the partition files (default: var)')
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def error_message(exc):
+    """One line for ``exc``, naming its type where the text alone is
+    unclear."""
+    from compositestorage.errors import CompositeStorageError
+    if isinstance(exc, KeyError) and exc.args:
+        text = str(exc.args[0])
+    else:
+        text = str(exc)
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        text = 'no such file: %s' % exc.filename
+    elif isinstance(exc, zc.lockfile.LockError):
+        text = '%s: is it open in another process (a running server)?' % text
+    elif not isinstance(exc, (CLIError, OSError, CompositeStorageError,
+                              ZConfig.ConfigurationError)):
+        text = '%s: %s' % (type(exc).__name__, text) if text else \
+            type(exc).__name__
+    return ' '.join(text.split())
+
+
+class OneLineFormatter(logging.Formatter):
+    """``compositestorage: warning: LOGGER: message``, never a traceback."""
+
+    def format(self, record):
+        return '%s: %s: %s: %s' % (PROG, record.levelname.lower(),
+                                   record.name,
+                                   ' '.join(record.getMessage().split()))
+
+
+def warnings_to_stderr():
+    """Show WARNING and worse on stderr, one line each, unless logging is
+    configured already.  Returns the handler added, or ``None``."""
+    root = logging.getLogger()
+    if root.handlers:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(OneLineFormatter())
+    root.addHandler(handler)
+    return handler
+
+
+def main(argv=None):
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.func is not cmd_serve:
+        # runzeo sets up the server's logging; elsewhere ZODB's warnings
+        # (a stale index being ignored, say) go to stderr, one line each.
+        warnings_to_stderr()
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (``| head``): say nothing more.
+        try:
+            sys.stdout = open(os.devnull, 'w')
+        except OSError:
+            pass
+        return 1
+    except KeyboardInterrupt:
+        if args.traceback:
+            raise
+        print('%s: interrupted' % PROG, file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.traceback:
+            raise
+        print('%s: error: %s' % (PROG, error_message(e)), file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
