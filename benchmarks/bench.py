@@ -1,0 +1,536 @@
+#!/usr/bin/env python
+"""Benchmark compositestorage against FileStorage and a ZODB multi-database.
+
+Run ``python benchmarks/bench.py`` (defaults: ``-n 20000 --rounds 5``);
+``--quick`` is ``-n 200 --rounds 1``.  ``--json FILE`` writes every result,
+the raw per-round figures included.
+
+The workloads are modelled on zodbshootout's.  Objects are instances of the
+tiny ``PObject`` class below (one integer attribute, plus ``ref`` for the
+cross workload).  All of them run, in this order, in one worker process per
+storage per round, on storage files made fresh in a temporary directory:
+
+``add``
+    N new objects committed in one transaction.  They are held under the
+    root by a ``PersistentList`` of ``PersistentList`` chunks of 100 objects
+    (N/100 extra small records, not counted): one list of N references
+    would make ZODB's pickler memo huge, and clearing it for every later
+    object would dominate the figure (quadratic, whatever the storage).
+``update``
+    Every one of the N objects changed, committed in one transaction.
+``cold``
+    New storage objects and a new ``ZODB.DB`` (all ZODB caches empty), then
+    every object read.  Opening is not timed.  The operating system's page
+    cache is not dropped: "cold" means cold for ZODB.
+``warm``
+    The storage objects kept, the connection's cache emptied with
+    ``conn.cacheMinimize()``, then every object read again.  FileStorage
+    has no cache of its own, so this measures loading from the storage.
+``hot``
+    Every object read again while all of them sit in the connection cache,
+    10 passes (10 N objects), because one pass takes only milliseconds.
+``xadd``
+    N/2 source objects (held in chunks like ``add``'s), each referencing
+    one target object, N objects in all, committed in one transaction.
+``xupdate``
+    Every source and every target changed, in one transaction.
+``xcold``
+    As ``cold``: fresh storage and DB, then each source and its target read.
+``small1``
+    500 transactions, each changing one of the ``add`` objects.
+``small2``
+    500 transactions, each changing one source of the cross workload and its
+    target.
+
+Rates are objects per second (``small2`` changes two objects per
+transaction); ``small1`` and ``small2`` also report the median (p50) and
+99th percentile (p99) latency of one transaction (change + commit).
+
+What each storage does in each workload:
+
+``fs``
+    One FileStorage.  Everything, cross targets included, lives in its one
+    file: that is what a user of a single FileStorage gets.
+``multidb``
+    A ZODB multi-database of two FileStorages, ``main`` and ``other``
+    (``ZODB.DB(..., databases=dbs, database_name=...)``).  The single
+    partition workloads (add .. hot, small1) use only ``main``.  The cross
+    targets are added through ``conn.get_connection('other')``, so sources
+    hold real cross-database references, and ``xupdate``/``small2`` commit
+    to both databases (two-phase commit over two storages).
+``composite1``
+    A ``CompositeStorage`` of two FileStorage partitions, ``main`` (prefix
+    0) and ``other`` (prefix 1), with everything in the primary ``main``:
+    the cost of the composite layer alone.
+``composite2``
+    The same composite, but the cross targets are placed in ``other`` with
+    ``compositestorage.placement(conn, 'other')``: sources then refer across
+    partitions (through stub records) and ``xupdate``/``small2`` touch both
+    partitions in one transaction.  Single partition workloads are as in
+    ``composite1``.
+``zconfig:NAME`` (``--zconfig FILE``, repeatable)
+    Any storage given as a ZConfig file (a storage section, or a ``<zodb>``
+    section holding one; ``%import compositestorage`` works).  It is run like
+    ``fs``: everything goes where the storage puts new objects by default.
+    The worker runs in a fresh temporary directory, so relative paths in the
+    file (``path data.fs``) give fresh files each round.
+
+Every worker is a fresh subprocess (``bench.py --worker STORAGE``) that
+prints its results as JSON.  Each round runs every storage once, in an order
+rotated by one each round, so that drift of the machine spreads over all
+storages.  The table gives, per workload and storage, the median rate over
+the rounds and, in brackets, the median over the rounds of the ratio to
+FileStorage's rate in the same round; then p50/p99 latencies of the small
+transactions (medians over rounds) and each storage's peak worker RSS
+(``ru_maxrss``, maximum over rounds).
+"""
+import argparse
+import gc
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from persistent import Persistent
+
+STORAGES = ('fs', 'multidb', 'composite1', 'composite2')
+WORKLOADS = ('add', 'update', 'cold', 'warm', 'hot',
+             'xadd', 'xupdate', 'xcold', 'small1', 'small2')
+SMALL = ('small1', 'small2')
+SMALL_TXNS = 500
+HOT_PASSES = 10
+
+
+# --- worker -------------------------------------------------------------------
+
+class PObject(Persistent):
+    """A small persistent object (pickled as ``__main__.PObject``)."""
+
+    ref = None
+
+    def __init__(self, value=0):
+        self.value = value
+
+
+class Store:
+    """Opens, reopens and closes one kind of storage in one directory.
+
+    ``db`` is the DB whose root holds everything; ``place_other(conn,
+    objs)`` makes ``objs`` new objects of the second partition (or of the
+    second database) where the storage kind has one, else does nothing.
+    """
+
+    def __init__(self, kind, directory, zconfig=None, cache_size=100000):
+        self.kind = kind
+        self.dir = directory
+        self.zconfig = zconfig
+        self.cache_size = cache_size
+        self.db = None
+        self.other_db = None
+
+    def _path(self, name):
+        return os.path.join(self.dir, name + '.fs')
+
+    def open(self):
+        import ZODB
+        from ZODB.FileStorage import FileStorage
+        cs = self.cache_size
+        if self.kind == 'fs':
+            self.db = ZODB.DB(FileStorage(self._path('main')), cache_size=cs)
+        elif self.kind == 'multidb':
+            dbs = {}
+            self.db = ZODB.DB(FileStorage(self._path('main')), cache_size=cs,
+                              databases=dbs, database_name='main')
+            self.other_db = ZODB.DB(FileStorage(self._path('other')),
+                                    cache_size=cs, databases=dbs,
+                                    database_name='other')
+        elif self.kind in ('composite1', 'composite2'):
+            from compositestorage import CompositeStorage
+            storage = CompositeStorage([
+                ('main', 0, FileStorage(self._path('main'))),
+                ('other', 1, FileStorage(self._path('other')))])
+            self.db = ZODB.DB(storage, cache_size=cs)
+        elif self.kind.startswith('zconfig:'):
+            self.db = ZODB.DB(open_zconfig_storage(self.zconfig),
+                              cache_size=cs)
+        else:
+            raise SystemExit('unknown storage %r' % self.kind)
+        return self.db
+
+    def close(self):
+        for db in (self.db, self.other_db):
+            if db is not None:
+                db.close()
+        self.db = self.other_db = None
+
+    def reopen(self):
+        self.close()
+        gc.collect()
+        return self.open()
+
+    def place_other(self, conn, objs):
+        if self.kind == 'multidb':
+            other = conn.get_connection('other')
+            for obj in objs:
+                other.add(obj)
+        elif self.kind == 'composite2':
+            from compositestorage import placement
+            with placement(conn, 'other'):
+                for obj in objs:
+                    conn.add(obj)
+
+    def disk_bytes(self):
+        total = 0
+        for dirpath, _, files in os.walk(self.dir):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(dirpath, f))
+                except OSError:
+                    pass
+        return total
+
+
+def open_zconfig_storage(path):
+    """Open the storage a ZConfig file describes.
+
+    The file holds one storage section, or a ``<zodb>`` section holding one.
+    """
+    import ZConfig
+    import ZODB.config
+    with open(path) as f:
+        text = f.read()
+    if '<zodb' in text.lower():
+        with open(path) as f:
+            config, _ = ZConfig.loadConfigFile(ZODB.config.getDbSchema(), f)
+        return config.database[0].config.storage.open()
+    return ZODB.config.storageFromString(text)
+
+
+def _timed(results, name, count, func):
+    gc.collect()
+    start = time.perf_counter()
+    func()
+    seconds = time.perf_counter() - start
+    results[name] = {'objects': count, 'seconds': seconds,
+                     'rate': count / seconds if seconds > 0 else float('inf')}
+
+
+def _percentile(sorted_values, q):
+    """Nearest-rank percentile of an ascending list."""
+    k = max(0, math.ceil(q * len(sorted_values)) - 1)
+    return sorted_values[k]
+
+
+def _small(results, name, tm, objs_per_txn):
+    """Run SMALL_TXNS transactions; ``objs_per_txn(i)`` gives their objects."""
+    gc.collect()
+    latencies = []
+    clock = time.perf_counter
+    start = clock()
+    for i in range(SMALL_TXNS):
+        t0 = clock()
+        tm.begin()
+        for obj in objs_per_txn(i):
+            obj.value += 1
+        tm.commit()
+        latencies.append(clock() - t0)
+    seconds = clock() - start
+    latencies.sort()
+    count = 0
+    for i in range(SMALL_TXNS):
+        count += len(objs_per_txn(i))
+    results[name] = {
+        'objects': count, 'transactions': SMALL_TXNS, 'seconds': seconds,
+        'rate': count / seconds,
+        'p50_ms': _percentile(latencies, 0.50) * 1000,
+        'p99_ms': _percentile(latencies, 0.99) * 1000,
+    }
+
+
+def run_worker(kind, n, zconfig=None):
+    import transaction
+    from persistent.list import PersistentList
+
+    half = max(1, n // 2)
+
+    def chunked(objs, size=100):
+        return PersistentList(PersistentList(objs[i:i + size])
+                              for i in range(0, len(objs), size))
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix='csbench-') as directory:
+        os.chdir(directory)
+        store = Store(kind, directory, zconfig, cache_size=2 * n + 1000)
+        db = store.open()
+
+        def new_conn(db):
+            tm = transaction.TransactionManager(explicit=True)
+            return db.open(tm), tm
+
+        # -- add / update
+        conn, tm = new_conn(db)
+        objs = [PObject(i) for i in range(n)]
+
+        def add():
+            tm.begin()
+            conn.root()['objs'] = chunked(objs)
+            tm.commit()
+        _timed(results, 'add', n, add)
+
+        def update():
+            tm.begin()
+            for o in objs:
+                o.value += 1
+            tm.commit()
+        _timed(results, 'update', n, update)
+        conn.close()
+        objs = None
+
+        # -- cold / warm / hot
+        db = store.reopen()
+        conn, tm = new_conn(db)
+        tm.begin()
+        root = conn.root()
+        holder = {}
+
+        def read_all():
+            total = 0
+            for chunk in root['objs']:
+                for o in chunk:
+                    total += o.value
+            holder['total'] = total
+        _timed(results, 'cold', n, read_all)
+        conn.cacheMinimize()
+        _timed(results, 'warm', n, read_all)
+        read_all()   # make sure every object is in the cache
+
+        def read_hot():
+            for _ in range(HOT_PASSES):
+                read_all()
+        _timed(results, 'hot', HOT_PASSES * n, read_hot)
+        tm.abort()
+        conn.close()
+
+        # -- cross references
+        conn, tm = new_conn(db)
+        sources = [PObject(i) for i in range(half)]
+        targets = [PObject(i) for i in range(half)]
+        for s, t in zip(sources, targets):
+            s.ref = t
+
+        def xadd():
+            tm.begin()
+            store.place_other(conn, targets)
+            conn.root()['xsources'] = chunked(sources)
+            tm.commit()
+        _timed(results, 'xadd', 2 * half, xadd)
+
+        def xupdate():
+            tm.begin()
+            for s in sources:
+                s.value += 1
+                s.ref.value += 1
+            tm.commit()
+        _timed(results, 'xupdate', 2 * half, xupdate)
+        conn.close()
+        sources = targets = None
+
+        db = store.reopen()
+        conn, tm = new_conn(db)
+        tm.begin()
+        root = conn.root()
+
+        def xread():
+            total = 0
+            for chunk in root['xsources']:
+                for s in chunk:
+                    total += s.value + s.ref.value
+            holder['xtotal'] = total
+        _timed(results, 'xcold', 2 * half, xread)
+
+        # -- small transactions (objects are already loaded: they are hot)
+        objs = [o for chunk in root['objs'] for o in chunk]
+        sources = [s for chunk in root['xsources'] for s in chunk]
+        pairs = [(s, s.ref) for s in sources]
+        tm.abort()
+        _small(results, 'small1', tm, lambda i: (objs[i % len(objs)],))
+        _small(results, 'small2', tm, lambda i: pairs[i % len(pairs)])
+        disk = store.disk_bytes()
+        conn.close()
+        store.close()
+        os.chdir(os.path.dirname(directory))
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if sys.platform == 'darwin':   # bytes there, kilobytes on Linux
+        rss_kb //= 1024
+    return {'storage': kind, 'n': n, 'results': results,
+            'rss_kb': rss_kb, 'disk_bytes': disk}
+
+
+# --- driver -------------------------------------------------------------------
+
+def run_round_worker(kind, n, zconfigs):
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind,
+           '-n', str(n)]
+    if kind.startswith('zconfig:'):
+        cmd += ['--zconfig', zconfigs[kind]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit('worker %s failed with exit code %d'
+                         % (kind, proc.returncode))
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    return json.loads(lines[-1])
+
+
+def summarize(storages, rounds):
+    """Medians over rounds; ``rounds`` is a list of {storage: worker_result}."""
+    summary = {}
+    for wl in WORKLOADS:
+        summary[wl] = {}
+        for kind in storages:
+            per_round = [r[kind]['results'][wl] for r in rounds]
+            ratios = [r[kind]['results'][wl]['rate']
+                      / r['fs']['results'][wl]['rate'] for r in rounds]
+            entry = {
+                'rate': statistics.median(x['rate'] for x in per_round),
+                'ratio_to_fs': statistics.median(ratios),
+                'rates': [x['rate'] for x in per_round],
+                'ratios': ratios,
+            }
+            if wl in SMALL:
+                entry['p50_ms'] = statistics.median(
+                    x['p50_ms'] for x in per_round)
+                entry['p99_ms'] = statistics.median(
+                    x['p99_ms'] for x in per_round)
+            summary[wl][kind] = entry
+    summary['rss_kb'] = {kind: max(r[kind]['rss_kb'] for r in rounds)
+                         for kind in storages}
+    summary['disk_bytes'] = {kind: rounds[-1][kind]['disk_bytes']
+                             for kind in storages}
+    return summary
+
+
+def _rate(x):
+    if x >= 1e6:
+        return '%.2fM/s' % (x / 1e6)
+    if x >= 1e4:
+        return '%.0fk/s' % (x / 1e3)
+    if x >= 1e3:
+        return '%.1fk/s' % (x / 1e3)
+    return '%.0f/s' % x
+
+
+def format_table(storages, summary, n, nrounds):
+    width = max(20, max(len(s) for s in storages) + 2)
+    lines = ['objects per second, median of %d round(s), N=%d; '
+             '(x) = median per-round ratio to fs' % (nrounds, n), '']
+    head = '%-9s' % 'workload' + ''.join('%*s' % (width, s)
+                                         for s in storages)
+    lines += [head, '-' * len(head)]
+    for wl in WORKLOADS:
+        cells = []
+        for kind in storages:
+            e = summary[wl][kind]
+            cells.append('%*s' % (width, '%s (%.2f)' % (_rate(e['rate']),
+                                                        e['ratio_to_fs'])))
+        lines.append('%-9s' % wl + ''.join(cells))
+    lines.append('')
+    for wl in SMALL:
+        cells = ['%*s' % (width, '%.2f / %.2f ms' % (
+            summary[wl][k]['p50_ms'], summary[wl][k]['p99_ms']))
+            for k in storages]
+        lines.append('%-9s' % wl + ''.join(cells)
+                     + '   (p50 / p99 per transaction)')
+    lines.append('%-9s' % 'peak RSS' + ''.join(
+        '%*s' % (width, '%.1f MB' % (summary['rss_kb'][k] / 1024))
+        for k in storages))
+    lines.append('%-9s' % 'disk' + ''.join(
+        '%*s' % (width, '%.1f MB' % (summary['disk_bytes'][k] / 1e6))
+        for k in storages))
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Benchmark compositestorage against FileStorage and a '
+                    'ZODB multi-database (zodbshootout-style workloads).',
+        epilog='Workloads: %s. See the module docstring for what each '
+               'storage does in each workload.' % ', '.join(WORKLOADS))
+    parser.add_argument('-n', type=int, default=20000,
+                        help='objects per bulk workload (default 20000)')
+    parser.add_argument('--rounds', type=int, default=5,
+                        help='rounds; each runs every storage once in a '
+                             'fresh process (default 5)')
+    parser.add_argument('--quick', action='store_true',
+                        help='shorthand for -n 200 --rounds 1')
+    parser.add_argument('--storages', default=','.join(STORAGES),
+                        help='comma-separated subset of %s (fs is always '
+                             'run: ratios are to it)' % ','.join(STORAGES))
+    parser.add_argument('--zconfig', action='append', default=[],
+                        metavar='FILE',
+                        help='also benchmark the storage this ZConfig file '
+                             'describes (repeatable; run like fs)')
+    parser.add_argument('--json', metavar='FILE',
+                        help='write all results, per-round raw figures '
+                             'included, to FILE')
+    parser.add_argument('--worker', metavar='STORAGE', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.rounds = 200, 1
+    if args.n < 2 or args.rounds < 1:
+        parser.error('need -n >= 2 and --rounds >= 1')
+
+    if args.worker:
+        zconfig = os.path.abspath(args.zconfig[0]) if args.zconfig else None
+        print(json.dumps(run_worker(args.worker, args.n, zconfig)))
+        return 0
+
+    storages = [s.strip() for s in args.storages.split(',') if s.strip()]
+    for s in storages:
+        if s not in STORAGES:
+            parser.error('unknown storage %r' % s)
+    if 'fs' in storages:
+        storages.remove('fs')
+    storages.insert(0, 'fs')
+    zconfigs = {}
+    for path in args.zconfig:
+        name = 'zconfig:' + os.path.splitext(os.path.basename(path))[0]
+        while name in zconfigs:
+            name += "'"
+        zconfigs[name] = os.path.abspath(path)
+        storages.append(name)
+
+    started = time.time()
+    rounds = []
+    for r in range(args.rounds):
+        k = r % len(storages)
+        order = storages[k:] + storages[:k]
+        results = {}
+        for kind in order:
+            results[kind] = run_round_worker(kind, args.n, zconfigs)
+        rounds.append(results)
+        print('round %d/%d done (%s), %.0f s elapsed'
+              % (r + 1, args.rounds, ' '.join(order), time.time() - started),
+              file=sys.stderr)
+    summary = summarize(storages, rounds)
+    print(format_table(storages, summary, args.n, args.rounds))
+    wall = time.time() - started
+    print('\nwall time %.1f s' % wall)
+    if args.json:
+        out = {'n': args.n, 'rounds': args.rounds, 'storages': storages,
+               'workloads': list(WORKLOADS), 'small_transactions': SMALL_TXNS,
+               'python': sys.version, 'wall_seconds': wall,
+               'zconfig': zconfigs, 'summary': summary, 'raw': rounds}
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
