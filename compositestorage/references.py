@@ -152,7 +152,37 @@ def rewrite_class_hints(data, replace):
     A GLOBAL that the pickle memoizes for later use keeps its memo slot: it
     is written, memoized and popped, and the new global follows, so every
     later GET still finds the original class.
+
+    The common pickles go through a quick opcode scan; anything it does not
+    recognise exactly goes through the full stack-tracking parse.
     """
+    edits = _quick_edits(data, replace)
+    if edits is None:
+        edits = _exact_edits(data, replace)
+    if not edits:
+        return data
+    out = []
+    last = 0
+    for start, end, new in edits:
+        out.append(data[last:start])
+        out.append(new)
+        last = end
+    out.append(data[last:])
+    return b''.join(out)
+
+
+def _edit(data, klass_op, new):
+    """The edit that swaps the class op of a pid for ``new``'s GLOBAL."""
+    start, end, put_end = klass_op
+    if put_end is not None:
+        # keep the memoized original, then swap it out
+        return (start, put_end,
+                data[start:put_end] + b'0' + _global_op(new))  # 0 is POP
+    return (start, end, _global_op(new))
+
+
+def _exact_edits(data, replace):
+    """Edits found by tracking every opcode's effect on the stack."""
     ops = []
     f = io.BytesIO(data)
     try:
@@ -216,16 +246,9 @@ def rewrite_class_hints(data, replace):
                 oid_e, klass_e = pid.value
                 new = replace(oid_e.value, klass_e.value)
                 if new is not None and tuple(new) != klass_e.value:
-                    if klass_e.put_end is not None:
-                        # keep the memoized original, then swap it out
-                        edits.append((
-                            klass_e.start, klass_e.put_end,
-                            data[klass_e.start:klass_e.put_end]
-                            + b'0'   # POP
-                            + _global_op(new)))
-                    else:
-                        edits.append((klass_e.start, klass_e.end,
-                                      _global_op(new)))
+                    edits.append(_edit(
+                        data, (klass_e.start, klass_e.end, klass_e.put_end),
+                        new))
             stack.append(_Entry(None, None, pos, end))
             continue
         # Any other opcode: apply its stack effect generically.
@@ -248,16 +271,7 @@ def rewrite_class_hints(data, replace):
             stack.append(_MARK if item is pickletools.markobject
                          else _Entry(None, None, pos, end))
 
-    if not edits:
-        return data
-    out = []
-    last = 0
-    for start, end, new in edits:
-        out.append(data[last:start])
-        out.append(new)
-        last = end
-    out.append(data[last:])
-    return b''.join(out)
+    return edits
 
 
 def class_of(data):
@@ -273,3 +287,165 @@ def class_of(data):
     if not module or not name:
         return None
     return module, name
+
+
+# --- the quick scan -----------------------------------------------------------
+
+def _arg_readers():
+    """For each opcode byte: (name, how its argument is laid out)."""
+    table = {}
+    for op in pickletools.opcodes:
+        arg = op.arg
+        if arg is None:
+            kind = 0
+        elif arg.n >= 0:
+            kind = ('fixed', arg.n)
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            kind = ('lines', 2 if arg.name == 'stringnl_noescape_pair'
+                    else 1)
+        elif arg.n == pickletools.TAKEN_FROM_ARGUMENT1:
+            kind = ('counted', 1)
+        elif arg.n in (pickletools.TAKEN_FROM_ARGUMENT4,
+                       pickletools.TAKEN_FROM_ARGUMENT4U):
+            kind = ('counted', 4)
+        elif arg.n == pickletools.TAKEN_FROM_ARGUMENT8U:
+            kind = ('counted', 8)
+        else:  # pragma: no cover - no such opcode today
+            continue
+        table[ord(op.code)] = (op.name, kind)
+    return table
+
+
+_READERS = _arg_readers()
+_BINARY_BYTES = frozenset(('SHORT_BINBYTES', 'BINBYTES', 'BINBYTES8',
+                           'SHORT_BINSTRING', 'BINSTRING'))
+_BINARY_GETS = {'BINGET': 1, 'LONG_BINGET': 4}
+_BINARY_PUTS = {'BINPUT': 1, 'LONG_BINPUT': 4}
+
+
+def _quick_edits(data, replace):
+    """Edits for pickles whose class-hinted pids are laid out as ZODB's
+    picklers lay them out: ``oid [PUT] klass [PUT] TUPLE2 [PUT] BINPERSID``
+    with the oid a bytes op or a GET, and the class a GLOBAL or a GET.
+
+    Returns ``None`` for anything else (text-mode memo ops, a tuple pid of
+    another shape), which the exact parse then handles.
+    """
+    readers = _READERS
+    memo = {}
+    ops = []            # (name, start, end, value) of every op
+    edits = []
+    i = 0
+    end_of_data = len(data)
+    while i < end_of_data:
+        try:
+            name, kind = readers[data[i]]
+        except KeyError:
+            return None
+        start = i
+        i += 1
+        value = None
+        if kind:
+            how, n = kind
+            if how == 'fixed':
+                value = data[i:i + n]
+                i += n
+            elif how == 'counted':
+                size = int.from_bytes(data[i:i + n], 'little')
+                i += n
+                value = data[i:i + size]
+                i += size
+            else:
+                j = data.find(b'\n', i)
+                if j < 0:
+                    return None
+                if n == 2:
+                    k = data.find(b'\n', j + 1)
+                    if k < 0:
+                        return None
+                    value = (data[i:j].decode('utf-8'),
+                             data[j + 1:k].decode('utf-8'))
+                    j = k
+                i = j + 1
+        if i > end_of_data:
+            return None
+        if name in _BINARY_PUTS:
+            key = int.from_bytes(value, 'little')
+        elif name == 'MEMOIZE':
+            key = len(memo)
+        elif name in ('PUT', 'GET', 'LONG_BINGET', 'BINGET'):
+            if name == 'GET':
+                return None
+            key = int.from_bytes(value, 'little')
+            ops.append(('GET', start, i, memo.get(key)))
+            continue
+        else:
+            key = None
+            if name == 'PUT':
+                return None
+        if key is not None:
+            # memo[key] = what the previous op pushed, if we know it
+            prev = ops[-1] if ops else None
+            known = prev[3] if prev and prev[0] in ('BYTES', 'GLOBAL',
+                                                    'GET') else None
+            memo[key] = known
+            ops.append(('PUT', start, i, None))
+            continue
+        if name in _BINARY_BYTES:
+            ops.append(('BYTES', start, i, ('bytes', value)))
+        elif name == 'GLOBAL':
+            ops.append(('GLOBAL', start, i, ('global', value)))
+        elif name == 'BINPERSID':
+            edit = _pid_edit(data, ops, replace)
+            if edit is False:
+                return None
+            if edit is not None:
+                edits.append(edit)
+            ops.append((name, start, i, None))
+        else:
+            ops.append((name, start, i, None))
+    return edits
+
+
+def _pid_edit(data, ops, replace):
+    """The edit for the pid just before a BINPERSID, ``None`` when it
+    needs none, ``False`` when the quick scan cannot tell."""
+    j = len(ops) - 1
+    while j >= 0 and ops[j][0] == 'PUT':
+        j -= 1
+    if j < 0 or ops[j][0] not in ('TUPLE2', 'TUPLE'):
+        return None                         # not a tuple pid: no hint
+    tuple_op = ops[j][0]
+    j -= 1
+    klass_end = j
+    while j >= 0 and ops[j][0] == 'PUT':
+        j -= 1
+    if j < 0 or ops[j][0] not in ('GLOBAL', 'GET'):
+        return False
+    klass_name, klass_start, klass_stop, klass = ops[j]
+    put_end = ops[j + 1][2] if (klass_name == 'GLOBAL' and j < klass_end
+                                and ops[j + 1][1] == klass_stop) else None
+    j -= 1
+    while j >= 0 and ops[j][0] == 'PUT':
+        j -= 1
+    if j >= 0 and ops[j][0] == 'POP':
+        # our own store-side form: GLOBAL original, PUT, POP, GLOBAL stub
+        j -= 1
+        while j >= 0 and ops[j][0] == 'PUT':
+            j -= 1
+        if j < 0 or ops[j][0] != 'GLOBAL':
+            return False
+        j -= 1
+        while j >= 0 and ops[j][0] == 'PUT':
+            j -= 1
+    if j < 0 or ops[j][0] not in ('BYTES', 'GET'):
+        return False
+    oid = ops[j][3]
+    if tuple_op == 'TUPLE' and (j < 1 or ops[j - 1][0] != 'MARK'):
+        return False
+    if not klass or klass[0] != 'global' or not oid or oid[0] != 'bytes':
+        return False
+    new = replace(oid[1], klass[1])
+    if new is None or tuple(new) == klass[1]:
+        return None
+    return _edit(data, (klass_start, klass_stop, put_end), new)
