@@ -233,7 +233,7 @@ class Coordinator:
             self.pending_init.pop(part, None)
         # The commit point: every participant has finished.  Loads may
         # now see the tid.
-        storage._visible_tid = state.tid
+        storage.advance_visible(state.tid)
         try:
             if error is None and func is not None:
                 func(state.tid)

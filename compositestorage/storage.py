@@ -32,6 +32,7 @@ from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import UnknownPartitionError
 from compositestorage.errors import oid_hex
+from compositestorage.partition import MAP_SUFFIX
 from compositestorage.partition import Partition
 from compositestorage.partition import is_internal
 from compositestorage.partition import check_foreign_records
@@ -85,7 +86,7 @@ class CompositeStorage(blobs.BlobMethods):
         self._ltid = max([z64] + [p.storage.lastTransaction()
                                   for p in self.partitions])
         #: The last tid every participant has finished: what loads may see.
-        self._visible_tid = self._ltid
+        self.advance_visible(self._ltid)
         self._finish_lock = threading.RLock()
         self._coordinator = Coordinator(self)
         self._policy = make_policy(placement, self)
@@ -214,6 +215,11 @@ class CompositeStorage(blobs.BlobMethods):
     def isReadOnly(self):
         return self._read_only
 
+    def advance_visible(self, tid):
+        """Let loads see ``tid``: every participant has finished it."""
+        self._visible_limit = p64(u64(tid) + 1)
+        self._visible_tid = tid
+
     def lastTransaction(self):
         with self._finish_lock:
             return self._ltid
@@ -283,17 +289,22 @@ class CompositeStorage(blobs.BlobMethods):
         data, serial = part.storage.load(oid)
         if serial > self._visible_tid:
             # A commit is finishing: answer from the last finished snapshot.
-            r = self.loadBefore(oid, p64(u64(self._visible_tid) + 1))
+            r = self.loadBefore(oid, self._visible_limit)
             if r is None:
                 raise POSException.POSKeyError(oid)
             return r[0], r[1]
         return self.from_child(part, data), serial
 
     def loadBefore(self, oid, tid):
-        part = self.partition_for(oid)
-        if is_internal(oid, part.prefix):
+        # The hot path of every ZODB read: routing and the internal-record
+        # check are inlined (for a home oid, only the map oid is internal).
+        try:
+            part = self._by_prefix[oid[0]]
+        except (KeyError, IndexError, TypeError):
+            part = self.partition_for(oid)
+        if oid[1:] == MAP_SUFFIX:
             raise POSException.POSKeyError(oid)
-        limit = p64(u64(self._visible_tid) + 1)
+        limit = self._visible_limit
         if tid > limit:
             tid = limit
         r = part.storage.loadBefore(oid, tid)
