@@ -55,9 +55,15 @@ def _needs_unprivileged(case):
 
 @pytest.mark.parametrize('kind, case, layer', list(_cases()))
 def test_doctest(kind, case, layer, request):
+    run_doctest_case(case, layer, request.node.nodeid)
+
+
+def run_doctest_case(case, layer, nodeid):
+    """Run one doctest case in its layer; as root, the one that checks
+    file permissions runs in a child process without CAP_DAC_OVERRIDE."""
     if _needs_unprivileged(case) and os.geteuid() == 0 \
             and not os.environ.get(DROPPED):
-        _run_without_dac_override(request.node.nodeid)
+        _run_without_dac_override(nodeid)
         return
     if layer is not None:
         layer.setUp()

@@ -6,8 +6,6 @@ process: over a plain FileStorage with ZEO's ``ServerManagingClientStorage``
 (the reference), and over a three-partition round-robin composite here.
 Blobs run with a non-shared and with a shared client blob directory.
 """
-import os
-
 import pytest
 import zope.testing.setupstack
 from ZEO.ClientStorage import ClientStorage
@@ -16,10 +14,8 @@ from ZEO.tests import testZEO
 from ZODB.tests import PackableStorage
 from ZODB.tests import testblob
 
-from conformance.harness import run_case
 from conformance.harness import unittest_cases
-from conformance.test_doctests import DROPPED
-from conformance.test_doctests import _run_without_dac_override
+from conformance.test_doctests import run_doctest_case
 from conformance.test_zeo import composite_config
 
 
@@ -78,14 +74,4 @@ def _cases():
 
 @pytest.mark.parametrize('case, layer', list(_cases()))
 def test_zeo_doctest(case, layer, request):
-    if 'blob_transaction' in case.id() and os.geteuid() == 0 \
-            and not os.environ.get(DROPPED):
-        _run_without_dac_override(request.node.nodeid)
-        return
-    if layer is not None:
-        layer.setUp()
-    try:
-        run_case(case, layer)
-    finally:
-        if layer is not None:
-            layer.tearDown()
+    run_doctest_case(case, layer, request.node.nodeid)
