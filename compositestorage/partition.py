@@ -324,21 +324,20 @@ class Partition:
 
         A store over a deleted record must name that record's tid.
         """
-        child = self.storage
+        base = self.base
+        if isinstance(base, FileStorage):
+            # One index lookup, deleted records included, no exceptions.
+            with base._lock:
+                pos = base._index.get(oid)
+                return base._read_data_header(pos, oid).tid if pos else None
         try:
-            return child.load(oid)[1]
+            return self.storage.load(oid)[1]
         except POSKeyError:
             pass
         try:
-            return child.getTid(oid)
+            return self.storage.getTid(oid)
         except (POSKeyError, KeyError):
-            pass
-        if isinstance(self.base, FileStorage):
-            with self.base._lock:
-                pos = self.base._index.get(oid)
-                if pos:
-                    return self.base._read_data_header(pos, oid).tid
-        return None
+            return None
 
 
 def _names(partitions):

@@ -148,6 +148,20 @@ class CompositeStorage(blobs.BlobMethods):
         except (KeyError, IndexError, TypeError):
             raise UnknownPartitionError(oid, self.partitions, what)
 
+    def _home(self, oid):
+        """The home partition of ``oid``, which ZODB may read.
+
+        Routed by prefix, a home oid can only be internal if it is the
+        partition's map record: that one is not ZODB's to read.
+        """
+        try:
+            part = self._by_prefix[oid[0]]
+        except (KeyError, IndexError, TypeError):
+            part = self.partition_for(oid)
+        if oid[1:] == MAP_SUFFIX:
+            raise POSException.POSKeyError(oid)
+        return part
+
     def partition_named(self, name):
         try:
             return self._by_name[name]
@@ -283,9 +297,7 @@ class CompositeStorage(blobs.BlobMethods):
     # --- reading ----------------------------------------------------------------
 
     def load(self, oid, version=''):
-        part = self.partition_for(oid)
-        if is_internal(oid, part.prefix):
-            raise POSException.POSKeyError(oid)
+        part = self._home(oid)
         data, serial = part.storage.load(oid)
         if serial > self._visible_tid:
             # A commit is finishing: answer from the last finished snapshot.
@@ -296,14 +308,7 @@ class CompositeStorage(blobs.BlobMethods):
         return self.from_child(part, data), serial
 
     def loadBefore(self, oid, tid):
-        # The hot path of every ZODB read: routing and the internal-record
-        # check are inlined (for a home oid, only the map oid is internal).
-        try:
-            part = self._by_prefix[oid[0]]
-        except (KeyError, IndexError, TypeError):
-            part = self.partition_for(oid)
-        if oid[1:] == MAP_SUFFIX:
-            raise POSException.POSKeyError(oid)
+        part = self._home(oid)
         limit = self._visible_limit
         if tid > limit:
             tid = limit
@@ -316,21 +321,15 @@ class CompositeStorage(blobs.BlobMethods):
         return self.from_child(part, data), start, end
 
     def loadSerial(self, oid, serial):
-        part = self.partition_for(oid)
-        if is_internal(oid, part.prefix):
-            raise POSException.POSKeyError(oid)
+        part = self._home(oid)
         return self.from_child(part, part.storage.loadSerial(oid, serial))
 
     def getTid(self, oid):
-        part = self.partition_for(oid)
-        if is_internal(oid, part.prefix):
-            raise POSException.POSKeyError(oid)
+        part = self._home(oid)
         return part.storage.getTid(oid)
 
     def history(self, oid, size=1):
-        part = self.partition_for(oid)
-        if is_internal(oid, part.prefix):
-            raise POSException.POSKeyError(oid)
+        part = self._home(oid)
         return part.storage.history(oid, size)
 
     # --- writing ----------------------------------------------------------------
