@@ -296,14 +296,25 @@ def partition_xml(name, prefix, path=None, extra=''):
   </partition>''' % (name, prefix, extra, storage)
 
 
-def composite_xml(partitions, top=''):
-    return '''
-%%import compositestorage
-<compositestorage>
+def composite_xml(partitions, top='', section_name='', zodb=False):
+    """A ``<compositestorage>`` config; ``section_name`` names it (ZEO's
+    storage name), ``zodb`` wraps it in a ``<zodb>`` section."""
+    text = '''
+<compositestorage %s>
   %s
   %s
 </compositestorage>
-''' % (top, ''.join(partitions))
+''' % (section_name, top, ''.join(partitions))
+    if zodb:
+        text = '<zodb>%s</zodb>\n' % text
+    return '%import compositestorage\n' + text
+
+
+def main_and_catalog(directory, catalog_extra=''):
+    """The ``main`` (0) and ``catalog`` (1) FileStorage partitions."""
+    return [partition_xml('main', 0, '%s/main.fs' % directory),
+            partition_xml('catalog', 1, '%s/catalog.fs' % directory,
+                          catalog_extra)]
 
 
 def unpickle_record(data):

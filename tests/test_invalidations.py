@@ -6,6 +6,8 @@ import ZEO
 import ZODB
 from persistent.mapping import PersistentMapping
 
+from conftest import composite_xml
+from conftest import main_and_catalog
 from conftest import make_composite
 from conftest import new_tm
 
@@ -49,30 +51,11 @@ def test_last_invalidations_oldest_first_without_internal_records(tmp_path):
         db.close()
 
 
-STORAGE_CONF = """
-%%import compositestorage
-<compositestorage 1>
-  placement round-robin
-  <partition main>
-    prefix 0
-    <filestorage>
-      path %(dir)s/main.fs
-    </filestorage>
-  </partition>
-  <partition catalog>
-    prefix 1
-    <filestorage>
-      path %(dir)s/catalog.fs
-    </filestorage>
-  </partition>
-</compositestorage>
-"""
-
-
 def test_client_cache_survives_a_server_restart(tmp_path):
     """A client that was behind when the server restarted gets the
     invalidations it missed instead of dropping its whole cache."""
-    conf = STORAGE_CONF % {'dir': tmp_path}
+    conf = composite_xml(main_and_catalog(tmp_path), 'placement round-robin',
+                         section_name='1')
     var = str(tmp_path / 'client')
     os.mkdir(var)
     addr, stop = ZEO.server(storage_conf=conf)

@@ -10,28 +10,12 @@ from ZODB.POSException import ReadOnlyError
 
 from compositestorage import ReadOnlyPartitionError
 from compositestorage import placement
+from conftest import composite_xml
+from conftest import main_and_catalog
 
-CONFIG = """
-%%import compositestorage
-<zodb>
-  <compositestorage>
-    %(top)s
-    <partition main>
-      prefix 0
-      <filestorage>
-        path %(dir)s/main.fs
-      </filestorage>
-    </partition>
-    <partition catalog>
-      prefix 1
-      %(catalog)s
-      <filestorage>
-        path %(dir)s/catalog.fs
-      </filestorage>
-    </partition>
-  </compositestorage>
-</zodb>
-"""
+def config(directory, top='', catalog=''):
+    return composite_xml(main_and_catalog(directory, catalog), top,
+                         zodb=True)
 
 
 def sizes(tmp_path):
@@ -42,7 +26,7 @@ def sizes(tmp_path):
 @pytest.fixture
 def existing(tmp_path):
     db = ZODB.config.databaseFromString(
-        CONFIG % dict(dir=tmp_path, top='', catalog=''))
+        config(tmp_path))
     conn = db.open()
     with placement(conn, 'catalog'):
         conn.root()['c'] = PersistentMapping(v=1)
@@ -56,7 +40,7 @@ def existing(tmp_path):
 def test_read_only_composite(existing):
     before = sizes(existing)
     db = ZODB.config.databaseFromString(
-        CONFIG % dict(dir=existing, top='read-only true', catalog=''))
+        config(existing, top='read-only true'))
     try:
         assert db.storage.isReadOnly()
         conn = db.open()
@@ -76,7 +60,7 @@ def test_read_only_composite(existing):
 def test_read_only_partition_refuses_writes_and_writes_nothing(existing):
     before = sizes(existing)
     db = ZODB.config.databaseFromString(
-        CONFIG % dict(dir=existing, top='', catalog='read-only true'))
+        config(existing, catalog='read-only true'))
     try:
         conn = db.open()
         root = conn.root()
@@ -102,29 +86,10 @@ def test_read_only_partition_refuses_writes_and_writes_nothing(existing):
     assert after['main.fs'] > before['main.fs']
 
 
-ZEO_CONF = """
-%%import compositestorage
-<compositestorage 1>
-  read-only true
-  <partition main>
-    prefix 0
-    <filestorage>
-      path %(dir)s/main.fs
-    </filestorage>
-  </partition>
-  <partition catalog>
-    prefix 1
-    <filestorage>
-      path %(dir)s/catalog.fs
-    </filestorage>
-  </partition>
-</compositestorage>
-"""
-
-
 def test_read_only_composite_through_zeo(existing):
     before = sizes(existing)
-    addr, stop = ZEO.server(storage_conf=ZEO_CONF % dict(dir=existing))
+    addr, stop = ZEO.server(storage_conf=composite_xml(
+        main_and_catalog(existing), 'read-only true', section_name='1'))
     try:
         # a read-only server takes read-only clients (ZEO's rule)
         db = ZEO.DB(addr, read_only=True)
