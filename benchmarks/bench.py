@@ -75,10 +75,13 @@ What each storage does in each workload:
     The worker runs in a fresh temporary directory, so relative paths in the
     file (``path data.fs``) give fresh files each round.
 
-Every worker is a fresh subprocess (``bench.py --worker STORAGE``) that
-prints its results as JSON.  Each round runs every storage once, in an order
-rotated by one each round, so that drift of the machine spreads over all
-storages.  The table gives, per workload and storage, the median rate over
+Each round starts a fresh subprocess per storage (``bench.py --worker
+STORAGE``, on fresh files) and drives them in lockstep: each workload runs
+on every storage, one after the other, before the next workload starts; a
+worker waits, idle, while the others run.  The storages' runs of one
+workload are then seconds apart, so that the drift of a noisy machine
+hardly enters their ratio.  The order of the storages rotates by one each
+round.  The table gives, per workload and storage, the median rate over
 the rounds and, in brackets, the median over the rounds of the ratio to
 FileStorage's rate in the same round; then p50/p99 latencies of the small
 transactions (medians over rounds) and each storage's peak worker RSS
@@ -252,7 +255,13 @@ def _small(results, name, tm, objs_per_txn):
     }
 
 
-def run_worker(kind, n, zconfig=None):
+def phases(kind, n, zconfig=None):
+    """Run the workloads one by one: yields ``(workload, result)`` after
+    each, and ``('done', totals)`` at the end.
+
+    The driver resumes each storage's worker for one workload at a time,
+    so that every storage runs a workload within seconds of the others.
+    """
     import transaction
     from persistent.list import PersistentList
 
@@ -263,6 +272,10 @@ def run_worker(kind, n, zconfig=None):
                               for i in range(0, len(objs), size))
 
     results = {}
+
+    def result(name):
+        return name, results[name]
+
     with tempfile.TemporaryDirectory(prefix='csbench-') as directory:
         os.chdir(directory)
         store = Store(kind, directory, zconfig, cache_size=2 * n + 1000)
@@ -281,6 +294,7 @@ def run_worker(kind, n, zconfig=None):
             conn.root()['objs'] = chunked(objs)
             tm.commit()
         _timed(results, 'add', n, add)
+        yield result('add')
 
         def update():
             tm.begin()
@@ -290,6 +304,7 @@ def run_worker(kind, n, zconfig=None):
         _timed(results, 'update', n, update)
         conn.close()
         objs = None
+        yield result('update')
 
         # -- cold / warm / hot
         db = store.reopen()
@@ -305,8 +320,10 @@ def run_worker(kind, n, zconfig=None):
                     total += o.value
             holder['total'] = total
         _timed(results, 'cold', n, read_all)
+        yield result('cold')
         conn.cacheMinimize()
         _timed(results, 'warm', n, read_all)
+        yield result('warm')
         read_all()   # make sure every object is in the cache
 
         def read_hot():
@@ -315,6 +332,7 @@ def run_worker(kind, n, zconfig=None):
         _timed(results, 'hot', HOT_PASSES * n, read_hot)
         tm.abort()
         conn.close()
+        yield result('hot')
 
         # -- cross references
         conn, tm = new_conn(db)
@@ -329,6 +347,7 @@ def run_worker(kind, n, zconfig=None):
             conn.root()['xsources'] = chunked(sources)
             tm.commit()
         _timed(results, 'xadd', 2 * half, xadd)
+        yield result('xadd')
 
         def xupdate():
             tm.begin()
@@ -339,6 +358,7 @@ def run_worker(kind, n, zconfig=None):
         _timed(results, 'xupdate', 2 * half, xupdate)
         conn.close()
         sources = targets = None
+        yield result('xupdate')
 
         db = store.reopen()
         conn, tm = new_conn(db)
@@ -352,6 +372,7 @@ def run_worker(kind, n, zconfig=None):
                     total += s.value + s.ref.value
             holder['xtotal'] = total
         _timed(results, 'xcold', 2 * half, xread)
+        yield result('xcold')
 
         # -- small transactions (objects are already loaded: they are hot)
         objs = [o for chunk in root['objs'] for o in chunk]
@@ -359,7 +380,9 @@ def run_worker(kind, n, zconfig=None):
         pairs = [(s, s.ref) for s in sources]
         tm.abort()
         _small(results, 'small1', tm, lambda i: (objs[i % len(objs)],))
+        yield result('small1')
         _small(results, 'small2', tm, lambda i: pairs[i % len(pairs)])
+        yield result('small2')
         disk = store.disk_bytes()
         conn.close()
         store.close()
@@ -368,24 +391,84 @@ def run_worker(kind, n, zconfig=None):
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if sys.platform == 'darwin':   # bytes there, kilobytes on Linux
         rss_kb //= 1024
-    return {'storage': kind, 'n': n, 'results': results,
-            'rss_kb': rss_kb, 'disk_bytes': disk}
+    yield 'done', {'rss_kb': rss_kb, 'disk_bytes': disk}
+
+
+def serve_worker(kind, n, zconfig=None):
+    """Run one workload per ``go`` line on stdin, answering in JSON."""
+    work = phases(kind, n, zconfig)
+    for line in sys.stdin:
+        if line.strip() != 'go':
+            break
+        name, result = next(work)
+        sys.stdout.write(json.dumps([name, result]) + '\n')
+        sys.stdout.flush()
+        if name == 'done':
+            break
 
 
 # --- driver -------------------------------------------------------------------
 
-def run_round_worker(kind, n, zconfigs):
-    cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind,
-           '-n', str(n)]
-    if kind.startswith('zconfig:'):
-        cmd += ['--zconfig', zconfigs[kind]]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit('worker %s failed with exit code %d'
-                         % (kind, proc.returncode))
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    return json.loads(lines[-1])
+class Worker:
+    """A fresh worker process for one storage in one round."""
+
+    def __init__(self, kind, n, zconfigs):
+        cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind,
+               '-n', str(n)]
+        if kind.startswith('zconfig:'):
+            cmd += ['--zconfig', zconfigs[kind]]
+        self.kind = kind
+        self.stderr = tempfile.TemporaryFile(mode='w+')
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True)
+        self.results = {}
+
+    def step(self, expected):
+        """Run the next workload, which must be ``expected``."""
+        try:
+            self.proc.stdin.write('go\n')
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        line = self.proc.stdout.readline()
+        if not line:
+            self.fail('exited')
+        name, result = json.loads(line)
+        if name != expected:
+            self.fail('ran %s where %s was expected' % (name, expected))
+        if name == 'done':
+            self.proc.wait()
+            self.stderr.close()
+            return dict(result, storage=self.kind, results=self.results)
+        self.results[name] = result
+
+    def fail(self, what):
+        self.proc.kill()
+        self.proc.wait()
+        self.stderr.seek(0)
+        sys.stderr.write(self.stderr.read())
+        raise SystemExit('worker %s %s (exit code %s)'
+                         % (self.kind, what, self.proc.returncode))
+
+
+def run_round(order, n, zconfigs):
+    """One round: a fresh worker per storage, driven in lockstep.
+
+    Each workload runs on every storage, in ``order``, before the next
+    workload starts, so the machine's drift between the storages' runs of
+    one workload is seconds, not minutes.
+    """
+    workers = [Worker(kind, n, zconfigs) for kind in order]
+    try:
+        for workload in WORKLOADS + ('done',):
+            results = [w.step(workload) for w in workers]
+    finally:
+        for w in workers:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait()
+    return {r['storage']: dict(r, n=n) for r in results}
 
 
 def summarize(storages, rounds):
@@ -488,7 +571,7 @@ def main(argv=None):
 
     if args.worker:
         zconfig = os.path.abspath(args.zconfig[0]) if args.zconfig else None
-        print(json.dumps(run_worker(args.worker, args.n, zconfig)))
+        serve_worker(args.worker, args.n, zconfig)
         return 0
 
     storages = [s.strip() for s in args.storages.split(',') if s.strip()]
@@ -511,10 +594,7 @@ def main(argv=None):
     for r in range(args.rounds):
         k = r % len(storages)
         order = storages[k:] + storages[:k]
-        results = {}
-        for kind in order:
-            results[kind] = run_round_worker(kind, args.n, zconfigs)
-        rounds.append(results)
+        rounds.append(run_round(order, args.n, zconfigs))
         print('round %d/%d done (%s), %.0f s elapsed'
               % (r + 1, args.rounds, ' '.join(order), time.time() - started),
               file=sys.stderr)

@@ -6,7 +6,6 @@ the children's bushy layouts never collide, a ZEO client with a shared blob
 directory finds every blob by its composite oid, and a child opened alone
 still finds its own blobs.
 """
-from ZODB.utils import z64
 
 
 class BlobMethods:
@@ -22,8 +21,7 @@ class BlobMethods:
     def storeBlob(self, oid, oldserial, data, blobfilename, version,
                   transaction):
         state, part = self._writable(oid, transaction, 'store a blob for')
-        if oldserial == z64 or oldserial is None:
-            state.new_data[oid] = data
+        state.stored(oid, oldserial, data)
         data = self.to_child(part, oid, data, state)
         txn = self._coordinator.begin(state, part)
         part.storage.storeBlob(oid, oldserial, data, blobfilename, '', txn)
@@ -33,7 +31,7 @@ class BlobMethods:
                     transaction):
         state, part = self._writable(oid, transaction, 'restore a blob for')
         if data is not None:
-            state.new_data.setdefault(oid, data)
+            state.restored(oid, data)
             data = self.to_child(part, oid, data, state)
         txn = self._coordinator.begin(state, part)
         part.storage.restoreBlob(oid, serial, data, blobfilename, prev_txn,

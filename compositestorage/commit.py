@@ -59,8 +59,24 @@ class TransactionState:
         self.child_txn = {}      # prefix -> the transaction that child sees
         self.stubs_needed = {}   # Partition -> set of foreign oids
         self.new_data = {}       # oid -> data of objects created here
+        self.restored_data = {}  # oid -> data restored here
+        self.hints = {}          # oid -> class named by a rewritten hint
         self.new_stubs = []      # (Partition, oid, klass) written at vote
         self.resolved = set()
+
+    def stored(self, oid, serial, data):
+        """Note a store: a new object's data names its class for stubs."""
+        if serial == z64 or serial is None:
+            self.new_data[oid] = data
+
+    def restored(self, oid, data):
+        if data is not None:
+            self.restored_data.setdefault(oid, data)
+
+    def data_of(self, oid):
+        """What this transaction stored or restored for ``oid``, if any."""
+        data = self.new_data.get(oid)
+        return self.restored_data.get(oid) if data is None else data
 
 
 class Coordinator:
@@ -125,25 +141,34 @@ class Coordinator:
     def write_stubs(self, state):
         """Store every stub the transaction needs and its child lacks."""
         storage = self._storage
+        new_data = state.new_data
         for part, oids in state.stubs_needed.items():
             for oid in sorted(oids):
                 if oid in part.stubs:
                     continue
-                if self.committed_stub(part, oid) is not None:
-                    continue
+                if oid in new_data:
+                    # a new object: no stub for it can exist yet
+                    serial = z64
+                else:
+                    if self.committed_stub(part, oid) is not None:
+                        continue
+                    serial = part.current_serial(oid) or z64
                 home = storage.partition_for(oid, 'reference')
-                data = state.new_data.get(oid)
-                if data is None:
-                    try:
-                        data = home.storage.load(oid)[0]
-                    except POSKeyError:
-                        data = None
-                klass = class_of(data) if data else None
+                klass = state.hints.get(oid) or self._class_of(
+                    home, oid, state.data_of(oid))
                 txn = self.begin(state, part)
-                part.storage.store(
-                    oid, part.current_serial(oid) or z64,
-                    stub_record(home.name, klass), '', txn)
+                part.storage.store(oid, serial,
+                                   stub_record(home.name, klass), '', txn)
                 state.new_stubs.append((part, oid, klass))
+
+    @staticmethod
+    def _class_of(home, oid, data):
+        if data is None:
+            try:
+                data = home.storage.load(oid)[0]
+            except POSKeyError:
+                return None
+        return class_of(data) if data else None
 
     def committed_stub(self, part, oid):
         """``(klass,)`` of the committed stub for ``oid`` in ``part``.

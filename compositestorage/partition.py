@@ -29,6 +29,7 @@ from compositestorage.errors import PartitionFullError
 from compositestorage.errors import PartitionMapError
 from compositestorage.errors import ReadOnlyPartitionError
 from compositestorage.errors import oid_hex
+from compositestorage.references import quick_check
 from compositestorage.stubs import load_internal_record
 from compositestorage.stubs import stub_record
 
@@ -151,8 +152,11 @@ class Partition:
         self._base = prefix << 56
         self._limit = u64(self.map_oid)
         self._next = None
+        self._allocated = None   # the last oid handed out, once _next is set
         self._oid_lock = threading.Lock()
         self.stubs = {}
+        #: finds nothing in a record this child can store as it is
+        self.quick_check = quick_check(prefix)
 
     def __repr__(self):
         return '<Partition %s prefix=%d %s>' % (
@@ -174,17 +178,20 @@ class Partition:
                 self._next = max(u64(top) + 1 if top else 0, self._base + 1)
             if self._next >= self._limit:
                 raise PartitionFullError(self.name, self.prefix)
-            oid = p64(self._next)
+            oid = self._allocated = p64(self._next)
             self._next += 1
             return oid
 
     def saw_oid(self, oid):
         """Keep allocation above an oid stored by a caller (restore, copy)."""
+        if self._next is None or oid <= self._allocated:
+            return      # the common case: one of ours, or nothing allocated
         n = u64(oid)
-        if self._next is not None and n >= self._next and n < self._limit:
+        if n < self._limit:
             with self._oid_lock:
                 if n >= self._next:
                     self._next = n + 1
+                    self._allocated = oid
 
     def max_own_oid(self):
         """The highest oid of this partition's own objects, or ``None``."""

@@ -16,13 +16,29 @@ cross-partition reference never changes its oid.  Only the class hint of the
 :class:`~compositestorage.stubs.PartitionStub`, so a plain ZODB opening the
 child alone sees a stub rather than an object of the wrong class.
 
-Scanning uses the C unpickler's ``noload`` (no class is ever imported).
-Rewriting works on opcodes, and only runs for records that need it.
+In a child, a class hint also names the class it stands for:
+``compositestorage.stubs`` ``PartitionStub:module:name``.  The stubs module
+resolves every such name to the stub class, so a plain ZODB still sees a
+stub; the composite reads the class back out of the name, without loading
+the stub.
+
+Most records need no parsing at all.  On store, a regular expression over
+the bytes finds records that cannot hold an oid of another partition (a
+protocol 3 pickle spells every oid ``C\\x08`` and its eight bytes); only
+the rest are scanned with the C unpickler's ``noload`` (no class is ever
+imported).  On load, a record without the stub class's name comes back byte
+for byte, and one with it has its hints turned back by one substitution.
+That substitution is exact because of how records are stored: a record
+whose own bytes already hold a hint's spelling (user data that looks like
+a hint) is stored with :data:`EXACT_TAG` appended, and such records take
+the opcode-level path instead.  A pickle ignores bytes after its STOP, so a
+plain ZODB reads tagged records as usual.
 """
 import io
 import pickletools
+import re
 
-from ZODB._compat import PersistentUnpickler
+from zodbpickle.pickle import Unpickler
 
 from compositestorage.errors import CorruptRecordError
 
@@ -32,7 +48,44 @@ STUB_NAME = 'PartitionStub'
 STUB_GLOBAL = (STUB_MODULE, STUB_NAME)
 #: Bytes that every record holding a stub reference contains.  Records
 #: without them come back from a child byte for byte, unparsed.
-STUB_MARK = ('%s\n%s\n' % STUB_GLOBAL).encode('ascii')
+STUB_MARK = ('%s\n%s' % STUB_GLOBAL).encode('ascii')
+#: A stub hint that names no class (the class was not known, or cannot be
+#: spelled in a name): the composite reads the class from the stub record.
+PLAIN_MARK = STUB_MARK + b'\n'
+#: Hints that name their class: ``PartitionStub:module:name``.
+HINT_PREFIX = STUB_NAME + ':'
+HINT_MARK = ('c%s\n%s' % (STUB_MODULE, HINT_PREFIX)).encode('ascii')
+#: Appended to a child record whose original bytes hold ``HINT_MARK``.
+#: It holds ``STUB_MARK`` (so a load looks at the record) and neither of
+#: the hint spellings.
+EXACT_TAG = b'\x00' + STUB_MARK + b'\x00exact\x00'
+
+
+
+def stub_hint(klass):
+    """The hint a child stores for a reference to a ``klass`` object that
+    lives in another partition."""
+    if klass and not is_stub_hint(klass):
+        module, name = klass
+        if module and name and ':' not in module and ':' not in name \
+                and '\n' not in module and '\n' not in name:
+            return (STUB_MODULE, HINT_PREFIX + module + ':' + name)
+    return STUB_GLOBAL
+
+
+def hinted_class(klass):
+    """The ``(module, name)`` a child's stub hint names, else ``None``."""
+    if klass and klass[0] == STUB_MODULE and \
+            klass[1].startswith(HINT_PREFIX):
+        module, _, name = klass[1][len(HINT_PREFIX):].partition(':')
+        if module and name:
+            return module, name
+    return None
+
+
+def is_stub_hint(klass):
+    return bool(klass) and klass[0] == STUB_MODULE and (
+        klass[1] == STUB_NAME or klass[1].startswith(HINT_PREFIX))
 
 
 def _oid_bytes(oid):
@@ -47,52 +100,212 @@ def persistent_ids(data):
     Classes in tuple forms come back as ``None``: ``noload`` does not
     import anything.
     """
-    refs = []
-    u = PersistentUnpickler(None, refs.append, io.BytesIO(data))
-    u.noload()
-    u.noload()
-    return refs
+    return [pid for pid, _ in pids_and_ends(data)[0]]
 
 
-def crossing(data, prefix):
+def pids_and_ends(data):
+    """``([(pid, end)], consumed)``: each persistent id of a record with the
+    offset where its BINPERSID ends, and how many bytes the two pickles
+    took.  Raises whatever the unpickler raises on a bad pickle."""
+    f = io.BytesIO(data)
+    tell = f.tell
+    pids = []
+    append = pids.append
+    # The C unpickler itself, not ZODB's subclass of it: building that one
+    # costs as much as scanning a small record.
+    u = Unpickler(f)
+    u.persistent_load = lambda pid: append((pid, tell()))
+    u.noload()
+    u.noload()
+    return pids, tell()
+
+
+_quick_checks = {}
+_SHORT = 512
+
+
+def quick_check(prefix):
+    """A ``check(data)`` that is false for a protocol 3 record, to be stored
+    in partition ``prefix``, which can be stored as it is: no oid outside
+    ``prefix`` (a protocol 3 pickle spells every oid ``C\\x08`` and its
+    eight bytes) and nothing that would need :data:`EXACT_TAG`.
+
+    A regular expression is quickest on short records, counting on long
+    ones (a bucket full of references).
+    """
+    try:
+        return _quick_checks[prefix]
+    except KeyError:
+        pass
+    own = b'C\x08' + bytes([prefix])
+    # Two searches that each start with a literal byte are much quicker
+    # than one search for either.
+    oid_search = re.compile(
+        b'\\x08(?:(?<=C\\x08)[^\\x%02x]|(?<=U\\x08)|(?<=B\\x08)\\x00\\x00\\x00)'
+        % prefix, re.DOTALL).search
+    hint_search = re.compile(
+        b':(?<=%s)' % re.escape(HINT_MARK), re.DOTALL).search
+
+    def check(data):
+        if len(data) < _SHORT:
+            return (oid_search(data) is not None
+                    or hint_search(data) is not None
+                    or data.endswith(EXACT_TAG))
+        return (data.count(b'C\x08') != data.count(own)
+                or b'U\x08' in data or b'B\x08\x00\x00\x00' in data
+                or HINT_MARK in data or data.endswith(EXACT_TAG))
+
+    return _quick_checks.setdefault(prefix, check)
+
+
+def scan(data, prefix):
     """Scan a record that is to be stored in partition ``prefix``.
 
-    Returns ``(foreign, hinted)``: the set of oids referenced from another
-    partition (strong and weak alike, for each needs a stub in this
-    partition), and whether any of them is referenced with a class hint,
-    which is what makes the record need rewriting.  Both are empty/false
-    for the common record, which is then stored as it is.
+    Returns ``(foreign, hinted, pids)``: the set of oids referenced from
+    another partition (strong and weak alike, for each needs a stub in this
+    partition); whether any of them is referenced with a class hint, which
+    is what makes the record need rewriting; and every persistent id with
+    the offset where it ends, for :func:`classes_to_hints`.  The common
+    record, with no reference outside its partition, is recognised by one
+    regular expression and comes back as ``((), False, None)``.
     """
-    foreign = None
-    hinted = False
+    if data[:2] == b'\x80\x03' and not quick_check(prefix)(data):
+        return (), False, None
     try:
-        refs = persistent_ids(data)
+        pids = pids_and_ends(data)[0]
     except Exception:
         # Not a ZODB pickle: storages accept any bytes, and such a record
         # holds no reference to rewrite.
-        return (), False
-    for ref in refs:
-        if isinstance(ref, tuple):
-            oid = ref[0]
-            hint = True
-        elif isinstance(ref, list):
-            if len(ref) == 1:
-                oid = ref[0]                # legacy weak reference
-            elif ref[0] == 'w' and len(ref[1]) == 1:
-                oid = ref[1][0]
-            else:
-                continue                    # another database's reference
-            hint = False
-        else:
-            oid = ref
-            hint = False
-        oid = _oid_bytes(oid)
-        if oid[0] != prefix:
+        return (), False, None
+    foreign = None
+    hinted = False
+    for ref, _ in pids:
+        oid = _ref_oid(ref)
+        if oid is not None and oid[0] != prefix:
             if foreign is None:
                 foreign = set()
             foreign.add(oid)
-            hinted = hinted or hint
-    return foreign or (), hinted
+            hinted = hinted or isinstance(ref, tuple)
+    return foreign or (), hinted, pids
+
+
+def _ref_oid(ref):
+    """The oid a persistent id refers to in this database, else ``None``."""
+    if isinstance(ref, tuple):
+        oid = ref[0]
+    elif isinstance(ref, list):
+        if len(ref) == 1:
+            oid = ref[0]                # legacy weak reference
+        elif ref[0] == 'w' and len(ref[1]) == 1:
+            oid = ref[1][0]
+        else:
+            return None                 # another database's reference
+    else:
+        oid = ref
+    return _oid_bytes(oid)
+
+
+def crossing(data, prefix):
+    """``(foreign, hinted)`` of :func:`scan`."""
+    return scan(data, prefix)[:2]
+
+
+def to_child_record(data, prefix):
+    """``(record, foreign, hints)`` for ``data`` to be stored in partition
+    ``prefix``: the record its child stores, the oids of other partitions
+    it refers to (each needs a stub in this partition), and the class each
+    rewritten hint named, by oid.
+    """
+    if data[:2] == b'\x80\x03':
+        done = _rewrite_zodb_layout(data, prefix)
+        if done is not None:
+            record, foreign, hints = done
+            return (record + EXACT_TAG if needs_tag(data) else record,
+                    foreign, hints)
+    foreign, hinted, _ = scan(data, prefix)
+    record, hints = classes_to_hints(data, prefix) if hinted else (data, {})
+    return (record + EXACT_TAG if needs_tag(data) else record,
+            foreign, hints)
+
+
+def classes_to_hints(data, prefix):
+    """The record a child of partition ``prefix`` stores for ``data``.
+
+    Every class hint of a reference to another partition becomes a stub
+    hint naming that class.  Returns ``(record, hints)`` where ``hints``
+    maps each such oid to the ``(module, name)`` its hint named.  Works on
+    any pickle: the quick opcode scan, then the exact parse.  The tag rule
+    is :func:`to_child_record`'s.
+    """
+    hints = {}
+
+    def replace(oid, klass):
+        if oid[0] == prefix or is_stub_hint(klass):
+            return None
+        hints[oid] = klass
+        return stub_hint(klass)
+
+    edits = _quick_edits(data, replace)
+    if edits is None:
+        hints.clear()
+        edits = _exact_edits(data, replace)
+    return _apply(data, edits), hints
+
+
+def needs_tag(data):
+    """Whether a child must store ``data`` with :data:`EXACT_TAG`: its own
+    bytes could be read as stub hints, or end as if tagged."""
+    return HINT_MARK in data or data.endswith(EXACT_TAG)
+
+
+def resolver_keeping_tags(resolve):
+    """A child's conflict resolver whose records follow the tag rule.
+
+    A child resolves conflicts in its own records and stores the result
+    without the composite seeing it, so the rule is applied here.
+    """
+    resolve = getattr(resolve, 'resolve', resolve)   # never wrap twice
+
+    def tryToResolveConflict(*args, **kw):
+        data = resolve(*args, **kw)
+        if data and needs_tag(data):
+            data += EXACT_TAG
+        return data
+
+    tryToResolveConflict.resolve = resolve
+    return tryToResolveConflict
+
+
+def hints_to_classes(data, prefix, lookup):
+    """The record ZODB sees for a child's record ``data`` in ``prefix``.
+
+    ``lookup(oid)`` gives the ``(module, name)`` for a stub hint that names
+    no class, or ``None``.
+    """
+    if data.endswith(EXACT_TAG):
+        data = data[:-len(EXACT_TAG)]
+    elif PLAIN_MARK not in data:
+        # Every hint here is ours: ``c`` HINT_MARK ``module:name\n`` with
+        # no ``:`` in the module.  Drop the mark, split at the first ``:``.
+        parts = data.split(HINT_MARK)
+        for i in range(1, len(parts)):
+            part = parts[i]
+            colon = part.find(b':')
+            if not 0 < colon < part.find(b'\n'):
+                break
+            parts[i] = part[:colon] + b'\n' + part[colon + 1:]
+        else:
+            return b'c'.join(parts)
+
+    def original(oid, klass):
+        if oid[0] == prefix or not is_stub_hint(klass):
+            return None
+        return hinted_class(klass) or lookup(oid)
+
+    try:
+        return rewrite_class_hints(data, original)
+    except CorruptRecordError:
+        return data     # not a pickle: storages store any bytes
 
 
 def strong_and_weak_oids(data):
@@ -159,6 +372,11 @@ def rewrite_class_hints(data, replace):
     edits = _quick_edits(data, replace)
     if edits is None:
         edits = _exact_edits(data, replace)
+    return _apply(data, edits)
+
+
+def _apply(data, edits):
+    """``data`` with each ``(start, end, replacement)`` edit made."""
     if not edits:
         return data
     out = []
@@ -171,14 +389,17 @@ def rewrite_class_hints(data, replace):
     return b''.join(out)
 
 
-def _edit(data, klass_op, new):
-    """The edit that swaps the class op of a pid for ``new``'s GLOBAL."""
+def _edit(data, klass_op, new, new_op=None):
+    """The edit that swaps the class op of a pid for ``new``'s GLOBAL
+    (``new_op``, when the caller has it ready)."""
     start, end, put_end = klass_op
+    if new_op is None:
+        new_op = _global_op(new)
     if put_end is not None:
         # keep the memoized original, then swap it out
         return (start, put_end,
-                data[start:put_end] + b'0' + _global_op(new))  # 0 is POP
-    return (start, end, _global_op(new))
+                data[start:put_end] + b'0' + new_op)  # 0 is POP
+    return (start, end, new_op)
 
 
 def _exact_edits(data, replace):
@@ -449,3 +670,127 @@ def _pid_edit(data, ops, replace):
     if new is None or tuple(new) == klass[1]:
         return None
     return _edit(data, (klass_start, klass_stop, put_end), new)
+
+
+# --- ZODB's own layout, by one regular expression -------------------------------
+#
+# ZODB's pickler (protocol 3, memo on) writes a class-hinted reference as
+#
+#     oid [PUT] klass [PUT] TUPLE2 [PUT] BINPERSID
+#
+# with the oid ``C\x08`` and its eight bytes, or a GET of them, and the class
+# a GLOBAL or a GET.  One regular expression finds these; the hints to other
+# partitions are rewritten; then ``noload`` of the result must report every
+# class-hinted reference exactly where the matches, moved by the edits, said
+# it would end, with the same oid.  A match inside user data (a bytes value
+# holding a pickle) fails that check, because the edit moves the end of the
+# string that holds it; the record then goes the exact way instead.
+
+_PID_RE = re.compile(
+    rb'(?:C\x08(.{8})(?:q(.)|r(..)\x00\x00)?|h(.)|j(..)\x00\x00)'
+    rb'(c([^\n]*)\n([^\n]*)\n(?:q(.)|r(..)\x00\x00)?|h(.)|j(..)\x00\x00)'
+    rb'\x86(?:q.|r..\x00\x00)?Q', re.DOTALL)
+_META_RE = re.compile(rb'\x80\x03c([^\n]*)\n([^\n]*)\nq\x00\.')
+
+
+def _index(short, long):
+    """The memo index of a ``q``/``h`` (one byte) or ``r``/``j`` argument."""
+    if short is not None:
+        return short[0]
+    if long is not None:
+        return long[0] | long[1] << 8
+    return None
+
+
+def _rewrite_zodb_layout(data, prefix):
+    """``(record, foreign, hints)``, or ``None`` when ``data`` is not laid
+    out exactly as ZODB lays records out."""
+    memo = {}
+    meta = _META_RE.match(data)
+    if meta is not None:
+        memo[0] = _spelled(*meta.groups())[0]
+    edits = []
+    hints = {}
+    expected = []               # (oid, end in the rewritten record)
+    shift = 0
+    for m in _PID_RE.finditer(data):
+        (oid, oid_q, oid_r, oid_h, oid_j, _, module, name,
+         k_q, k_r, k_h, k_j) = m.groups()
+        if oid is None:
+            oid = memo.get(_index(oid_h, oid_j))
+            if not isinstance(oid, bytes):
+                return None
+        elif oid_q is not None or oid_r is not None:
+            memo[_index(oid_q, oid_r)] = oid
+        if module is not None:
+            klass, hint_op = _spelled(module, name)
+            if klass is None:
+                return None
+            put = _index(k_q, k_r)
+            if put is not None:
+                memo[put] = klass
+            start = m.start(6)
+            span = (start, start + len(module) + len(name) + 3,
+                    m.end(6) if put is not None else None)
+        else:
+            klass = memo.get(_index(k_h, k_j))
+            if not isinstance(klass, tuple):
+                return None
+            hint_op = None
+            span = (m.start(6), m.end(6), None)
+        if oid[0] != prefix and not is_stub_hint(klass):
+            hints[oid] = klass
+            edit = _edit(data, span, None, hint_op or _hint_op(klass))
+            edits.append(edit)
+            shift += len(edit[2]) - (edit[1] - edit[0])
+        expected.append((oid, m.end() + shift))
+    record = _apply(data, edits)
+    try:
+        pids, consumed = pids_and_ends(record)
+    except Exception:
+        return None
+    if consumed != len(record):
+        return None
+    found = [(pid[0], end) for pid, end in pids if isinstance(pid, tuple)]
+    if found != expected:
+        return None
+    foreign = set()
+    for ref, _ in pids:
+        oid = _ref_oid(ref)
+        if oid is not None and oid[0] != prefix:
+            foreign.add(oid)
+    return record, foreign, hints
+
+
+_spellings = {}
+_hint_ops = {}
+
+
+def _hint_op(klass):
+    """The GLOBAL of the stub hint for ``klass``."""
+    try:
+        return _hint_ops[klass]
+    except KeyError:
+        op = _global_op(stub_hint(klass))
+        if len(_hint_ops) < 10000:
+            _hint_ops[klass] = op
+        return op
+
+
+def _spelled(module, name):
+    """``(klass, hint_op)`` for a GLOBAL's module and name bytes: the class
+    as ``(module, name)`` and the GLOBAL of its stub hint; ``(None, None)``
+    for bytes that are not UTF-8."""
+    key = module, name
+    try:
+        return _spellings[key]
+    except KeyError:
+        pass
+    try:
+        klass = (module.decode('utf-8'), name.decode('utf-8'))
+    except UnicodeDecodeError:
+        return None, None
+    found = klass, _hint_op(klass)
+    if len(_spellings) < 10000:
+        _spellings[key] = found
+    return found

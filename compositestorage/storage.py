@@ -7,6 +7,7 @@ coordinates the children, ``iteration`` merges them, ``gc`` packs them and
 """
 import logging
 import os
+import re
 import threading
 
 import zope.interface
@@ -39,13 +40,16 @@ from compositestorage.partition import check_foreign_records
 from compositestorage.partition import check_layout
 from compositestorage.partition import check_maps
 from compositestorage.placement import make_policy
-from compositestorage.references import STUB_GLOBAL
 from compositestorage.references import STUB_MARK
 from compositestorage.references import class_of
-from compositestorage.references import crossing
-from compositestorage.references import rewrite_class_hints
+from compositestorage.references import hints_to_classes
+from compositestorage.references import resolver_keeping_tags
+from compositestorage.references import to_child_record
 
 logger = logging.getLogger(__name__)
+
+#: Finds the stub class's name: records without it come back unparsed.
+_stub_search = re.compile(re.escape(STUB_MARK)).search
 
 #: Root class a fresh ZODB.DB creates; the root stub names it until the
 #: primary holds a root.
@@ -73,6 +77,8 @@ class CompositeStorage(blobs.BlobMethods):
         self.partitions = sorted(parts, key=lambda p: p.prefix)
         self._by_prefix = {p.prefix: p for p in self.partitions}
         self._by_name = {p.name: p for p in self.partitions}
+        self._load_before = {p.prefix: p.storage.loadBefore
+                             for p in self.partitions}
         self.primary = self._by_prefix[0]
         self.default_partition = self._by_name.get(default_partition,
                                                    self.primary)
@@ -81,6 +87,8 @@ class CompositeStorage(blobs.BlobMethods):
             for p in self.partitions:
                 p.read_only = True
         self._pack_gc = pack_gc
+        self._writable_by_prefix = {p.prefix: p for p in self.partitions
+                                    if not p.read_only}
         self.__name__ = name or 'Composite(%s)' % ', '.join(
             '%s=%s' % (p.name, p.storage.getName()) for p in self.partitions)
         self._ltid = max([z64] + [p.storage.lastTransaction()
@@ -90,6 +98,11 @@ class CompositeStorage(blobs.BlobMethods):
         self._finish_lock = threading.RLock()
         self._coordinator = Coordinator(self)
         self._policy = make_policy(placement, self)
+        for p in self.partitions:
+            resolve = getattr(p.storage, 'tryToResolveConflict', None)
+            if resolve is not None:
+                p.storage.tryToResolveConflict = resolver_keeping_tags(
+                    resolve)
         self.identity = None
         self._check_maps()
         self._declare_interfaces()
@@ -172,44 +185,36 @@ class CompositeStorage(blobs.BlobMethods):
 
     def to_child(self, part, oid, data, state):
         """The record ``part``'s child stores for ``data``; notes stubs."""
-        foreign, hinted = crossing(data, part.prefix)
-        if not foreign:
-            return data
-        for ref in foreign:
-            if ref[0] not in self._by_prefix:
-                raise UnknownPartitionError(
-                    ref, self.partitions,
-                    'store a reference from oid %s to' % oid_hex(oid))
-        state.stubs_needed.setdefault(part, set()).update(foreign)
-        if hinted:
-            prefix = part.prefix
-            data = rewrite_class_hints(
-                data,
-                lambda ref, klass: STUB_GLOBAL if ref[0] != prefix else None)
-        return data
+        record, foreign, hints = to_child_record(data, part.prefix)
+        if foreign:
+            for ref in foreign:
+                if ref[0] not in self._by_prefix:
+                    raise UnknownPartitionError(
+                        ref, self.partitions,
+                        'store a reference from oid %s to' % oid_hex(oid))
+            state.stubs_needed.setdefault(part, set()).update(foreign)
+            state.hints.update(hints)
+        return record
 
     def from_child(self, part, data):
         """The record ZODB sees for ``data`` from ``part``'s child."""
-        if not data or STUB_MARK not in data:
+        if not data or not _stub_search(data):
             return data
-        prefix = part.prefix
-        committed_stub = self._coordinator.committed_stub
+        return hints_to_classes(data, part.prefix,
+                                lambda ref: self._class_of_target(part, ref))
 
-        def original(ref, klass):
-            if klass != STUB_GLOBAL or ref[0] == prefix:
-                return None
-            found = committed_stub(part, ref)
-            if found is not None:
-                return found[0]
-            # A historical record whose stub a pack has since removed: the
-            # target's own record still names its class.
-            home = self._by_prefix.get(ref[0])
-            try:
-                return class_of(home.storage.load(ref)[0]) if home else None
-            except POSException.POSKeyError:
-                return None
-
-        return rewrite_class_hints(data, original)
+    def _class_of_target(self, part, ref):
+        """The class of ``ref``, for a stub hint in ``part`` naming none."""
+        found = self._coordinator.committed_stub(part, ref)
+        if found is not None:
+            return found[0]
+        # A historical record whose stub a pack has since removed: the
+        # target's own record still names its class.
+        home = self._by_prefix.get(ref[0])
+        try:
+            return class_of(home.storage.load(ref)[0]) if home else None
+        except POSException.POSKeyError:
+            return None
 
     # --- identity and size -----------------------------------------------------
 
@@ -265,20 +270,22 @@ class CompositeStorage(blobs.BlobMethods):
         resolver here; it must reach every child, because the children
         are the ones that call it.
         """
-        return self.primary.storage.tryToResolveConflict
+        resolve = self.primary.storage.tryToResolveConflict
+        return getattr(resolve, 'resolve', resolve)
 
     @tryToResolveConflict.setter
     def tryToResolveConflict(self, resolve):
         for p in self.partitions:
-            p.storage.tryToResolveConflict = resolve
+            p.storage.tryToResolveConflict = resolver_keeping_tags(resolve)
 
     # --- oids -------------------------------------------------------------------
 
     def new_oid(self):
-        if self._read_only:
-            raise POSException.ReadOnlyError()
         part = self._policy.choose()
-        part.check_writable()
+        if part.read_only:
+            if self._read_only:
+                raise POSException.ReadOnlyError()
+            part.check_writable()
         return part.new_oid()
 
     def new_oid_in(self, name):
@@ -305,20 +312,31 @@ class CompositeStorage(blobs.BlobMethods):
             if r is None:
                 raise POSException.POSKeyError(oid)
             return r[0], r[1]
-        return self.from_child(part, data), serial
+        if data and _stub_search(data):
+            data = self.from_child(part, data)
+        return data, serial
 
     def loadBefore(self, oid, tid):
-        part = self._home(oid)
+        # The hot path of every read, so _home and from_child are inline:
+        # most records come back from the child as they are.
         limit = self._visible_limit
         if tid > limit:
             tid = limit
-        r = part.storage.loadBefore(oid, tid)
+        try:
+            load_before = self._load_before[oid[0]]
+        except (KeyError, IndexError, TypeError):
+            load_before = self._home(oid).storage.loadBefore
+        if oid[-1] == 255 and oid[1:] == MAP_SUFFIX:
+            raise POSException.POSKeyError(oid)
+        r = load_before(oid, tid)
         if r is None:
             return None
         data, start, end = r
         if end is not None and end >= limit:
-            end = None
-        return self.from_child(part, data), start, end
+            r = data, start, None
+        if data and _stub_search(data):
+            r = self.from_child(self._by_prefix[oid[0]], data), start, r[2]
+        return r
 
     def loadSerial(self, oid, serial):
         part = self._home(oid)
@@ -356,14 +374,26 @@ class CompositeStorage(blobs.BlobMethods):
         return state, part
 
     def store(self, oid, serial, data, version, transaction):
-        if version:
-            raise POSException.Unsupported("Versions aren't supported")
-        state, part = self._writable(oid, transaction, 'store')
+        # The hot path of every commit: the checks of _writable, inline.
+        state = self._coordinator.state
+        try:
+            part = self._writable_by_prefix[oid[0]]
+        except (KeyError, IndexError, TypeError):
+            part = None
+        if (part is None or version or state is None
+                or state.transaction is not transaction
+                or oid[-1] == 255 and oid[1:] == MAP_SUFFIX):
+            if version:
+                raise POSException.Unsupported("Versions aren't supported")
+            state, part = self._writable(oid, transaction, 'store')
         if serial == z64 or serial is None:
             state.new_data[oid] = data
-        child_data = self.to_child(part, oid, data, state)
-        txn = self._coordinator.begin(state, part)
-        part.storage.store(oid, serial, child_data, '', txn)
+        if data[:2] != b'\x80\x03' or part.quick_check(data):
+            data = self.to_child(part, oid, data, state)
+        txn = state.child_txn.get(part.prefix)
+        if txn is None:
+            txn = self._coordinator.begin(state, part)
+        part.storage.store(oid, serial, data, '', txn)
         part.saw_oid(oid)
 
     def restore(self, oid, serial, data, version, prev_txn, transaction):
@@ -371,7 +401,7 @@ class CompositeStorage(blobs.BlobMethods):
             raise POSException.Unsupported("Versions aren't supported")
         state, part = self._writable(oid, transaction, 'restore')
         if data is not None:
-            state.new_data.setdefault(oid, data)
+            state.restored(oid, data)
             data = self.to_child(part, oid, data, state)
         txn = self._coordinator.begin(state, part)
         part.storage.restore(oid, serial, data, '', prev_txn, txn)

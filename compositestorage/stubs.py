@@ -5,6 +5,7 @@ oid ``T`` itself (DESIGN.md, invariant 3).  Its bytes depend only on the
 target's home partition and class, so every process that needs it writes
 the same record.  Stubs are immutable.
 """
+import functools
 import io
 
 import persistent
@@ -37,6 +38,19 @@ class PartitionStub(persistent.Persistent):
             klass, oid_hex(oid) if oid else '?', home)
 
 
+def __getattr__(name):
+    """``PartitionStub:module:name`` is the stub class too.
+
+    A child's class hint for a reference to another partition names the
+    class it stands for (see :mod:`compositestorage.references`); a plain
+    ZODB opening the child alone resolves it here, to the stub class.
+    """
+    if name.startswith('PartitionStub:'):
+        return PartitionStub
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))
+
+
+@functools.lru_cache(maxsize=4096)
 def stub_record(home, klass):
     """The record of a stub for an object of class ``klass`` in ``home``.
 
