@@ -412,12 +412,12 @@ def serve_worker(kind, n, zconfig=None):
 class Worker:
     """A fresh worker process for one storage in one round."""
 
-    def __init__(self, kind, n, zconfigs):
+    def __init__(self, kind, n, zconfigs, label=None):
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind,
                '-n', str(n)]
         if kind.startswith('zconfig:'):
             cmd += ['--zconfig', zconfigs[kind]]
-        self.kind = kind
+        self.kind = label or kind
         self.stderr = tempfile.TemporaryFile(mode='w+')
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE,
@@ -452,14 +452,24 @@ class Worker:
                          % (self.kind, what, self.proc.returncode))
 
 
+#: The second FileStorage run of each round, which brackets the others.
+FS_AGAIN = 'fs-again'
+
+
 def run_round(order, n, zconfigs):
     """One round: a fresh worker per storage, driven in lockstep.
 
-    Each workload runs on every storage, in ``order``, before the next
-    workload starts, so the machine's drift between the storages' runs of
-    one workload is seconds, not minutes.
+    Each workload runs on every storage before the next workload starts,
+    so the storages' runs of one workload are seconds apart, not minutes.
+    FileStorage runs first and again last (``fs-again``, a worker of its
+    own): the reference for the round is the geometric mean of the two,
+    which cancels a drift of the machine across the storages in between,
+    and the ratio of the two shows how noisy the machine was.
     """
-    workers = [Worker(kind, n, zconfigs) for kind in order]
+    others = [kind for kind in order if kind != 'fs']
+    workers = ([Worker('fs', n, zconfigs)]
+               + [Worker(kind, n, zconfigs) for kind in others]
+               + [Worker('fs', n, zconfigs, label=FS_AGAIN)])
     try:
         for workload in WORKLOADS + ('done',):
             results = [w.step(workload) for w in workers]
@@ -471,6 +481,16 @@ def run_round(order, n, zconfigs):
     return {r['storage']: dict(r, n=n) for r in results}
 
 
+def reference_rate(round_, workload):
+    """The round's FileStorage rate for ``workload``: the geometric mean of
+    its run before and its run after the other storages."""
+    first = round_['fs']['results'][workload]['rate']
+    again = round_.get(FS_AGAIN)
+    if again is None:
+        return first
+    return math.sqrt(first * again['results'][workload]['rate'])
+
+
 def summarize(storages, rounds):
     """Medians over rounds; ``rounds`` is a list of {storage: worker_result}."""
     summary = {}
@@ -478,12 +498,17 @@ def summarize(storages, rounds):
         summary[wl] = {}
         for kind in storages:
             per_round = [r[kind]['results'][wl] for r in rounds]
-            ratios = [r[kind]['results'][wl]['rate']
-                      / r['fs']['results'][wl]['rate'] for r in rounds]
+            refs = [reference_rate(r, wl) for r in rounds]
+            if kind == 'fs':
+                rates = refs
+                ratios = [1.0] * len(rounds)
+            else:
+                rates = [x['rate'] for x in per_round]
+                ratios = [rate / ref for rate, ref in zip(rates, refs)]
             entry = {
-                'rate': statistics.median(x['rate'] for x in per_round),
+                'rate': statistics.median(rates),
                 'ratio_to_fs': statistics.median(ratios),
-                'rates': [x['rate'] for x in per_round],
+                'rates': rates,
                 'ratios': ratios,
             }
             if wl in SMALL:
@@ -492,6 +517,11 @@ def summarize(storages, rounds):
                 entry['p99_ms'] = statistics.median(
                     x['p99_ms'] for x in per_round)
             summary[wl][kind] = entry
+    summary['fs_noise'] = {
+        wl: statistics.median(
+            r[FS_AGAIN]['results'][wl]['rate'] / r['fs']['results'][wl]['rate']
+            for r in rounds)
+        for wl in WORKLOADS}
     summary['rss_kb'] = {kind: max(r[kind]['rss_kb'] for r in rounds)
                          for kind in storages}
     summary['disk_bytes'] = {kind: rounds[-1][kind]['disk_bytes']
@@ -512,9 +542,13 @@ def _rate(x):
 def format_table(storages, summary, n, nrounds):
     width = max(20, max(len(s) for s in storages) + 2)
     lines = ['objects per second, median of %d round(s), N=%d; '
-             '(x) = median per-round ratio to fs' % (nrounds, n), '']
-    head = '%-9s' % 'workload' + ''.join('%*s' % (width, s)
-                                         for s in storages)
+             '(x) = median per-round ratio to fs' % (nrounds, n),
+             'fs is the geometric mean of a FileStorage run before and one '
+             'after the others;',
+             'fs noise = median ratio of the second run to the first', '']
+    head = ('%-9s' % 'workload' + ''.join('%*s' % (width, s)
+                                          for s in storages)
+            + '%*s' % (width, 'fs noise'))
     lines += [head, '-' * len(head)]
     for wl in WORKLOADS:
         cells = []
@@ -522,6 +556,7 @@ def format_table(storages, summary, n, nrounds):
             e = summary[wl][kind]
             cells.append('%*s' % (width, '%s (%.2f)' % (_rate(e['rate']),
                                                         e['ratio_to_fs'])))
+        cells.append('%*s' % (width, '(%.2f)' % summary['fs_noise'][wl]))
         lines.append('%-9s' % wl + ''.join(cells))
     lines.append('')
     for wl in SMALL:

@@ -62,14 +62,21 @@ EXACT_TAG = b'\x00' + STUB_MARK + b'\x00exact\x00'
 
 
 
-def stub_hint(klass):
+def stub_hint(klass, how=''):
     """The hint a child stores for a reference to a ``klass`` object that
-    lives in another partition."""
+    lives in another partition.
+
+    ``how`` tells a load how to give back the exact bytes it replaced:
+    ``''`` a GLOBAL of the class, ``'-'`` nothing (the original GLOBAL and
+    its PUT stay just before, followed by a POP), ``'hXX'``/``'jXXXXXXXX'``
+    a BINGET/LONG_BINGET with that argument in hex.
+    """
     if klass and not is_stub_hint(klass):
         module, name = klass
         if module and name and ':' not in module and ':' not in name \
                 and '\n' not in module and '\n' not in name:
-            return (STUB_MODULE, HINT_PREFIX + module + ':' + name)
+            return (STUB_MODULE, HINT_PREFIX + module + ':' + name
+                    + (':' + how if how else ''))
     return STUB_GLOBAL
 
 
@@ -77,7 +84,8 @@ def hinted_class(klass):
     """The ``(module, name)`` a child's stub hint names, else ``None``."""
     if klass and klass[0] == STUB_MODULE and \
             klass[1].startswith(HINT_PREFIX):
-        module, _, name = klass[1][len(HINT_PREFIX):].partition(':')
+        module, _, rest = klass[1][len(HINT_PREFIX):].partition(':')
+        name = rest.partition(':')[0]
         if module and name:
             return module, name
     return None
@@ -243,7 +251,7 @@ def classes_to_hints(data, prefix):
         if oid[0] == prefix or is_stub_hint(klass):
             return None
         hints[oid] = klass
-        return stub_hint(klass)
+        return Hint(klass)
 
     edits = _quick_edits(data, replace)
     if edits is None:
@@ -282,20 +290,11 @@ def hints_to_classes(data, prefix, lookup):
     ``lookup(oid)`` gives the ``(module, name)`` for a stub hint that names
     no class, or ``None``.
     """
+    restored = restore_hints(data)
+    if restored is not None:
+        return restored
     if data.endswith(EXACT_TAG):
         data = data[:-len(EXACT_TAG)]
-    elif PLAIN_MARK not in data:
-        # Every hint here is ours: ``c`` HINT_MARK ``module:name\n`` with
-        # no ``:`` in the module.  Drop the mark, split at the first ``:``.
-        parts = data.split(HINT_MARK)
-        for i in range(1, len(parts)):
-            part = parts[i]
-            colon = part.find(b':')
-            if not 0 < colon < part.find(b'\n'):
-                break
-            parts[i] = part[:colon] + b'\n' + part[colon + 1:]
-        else:
-            return b'c'.join(parts)
 
     def original(oid, klass):
         if oid[0] == prefix or not is_stub_hint(klass):
@@ -306,6 +305,69 @@ def hints_to_classes(data, prefix, lookup):
         return rewrite_class_hints(data, original)
     except CorruptRecordError:
         return data     # not a pickle: storages store any bytes
+
+
+_restorations = {}
+_HINT_LEN = len(HINT_MARK)
+#: What a ``'-'`` hint replaced: nothing (and the POP before it goes too).
+_POP = b''
+
+
+def restore_hints(data):
+    """The bytes each stub hint of an untagged record replaced, put back
+    (every hint there is ours); ``None`` for records that need the exact
+    parse: tagged ones, hints that name no class, anything not well formed.
+    """
+    if data.endswith(EXACT_TAG) or data.find(PLAIN_MARK) >= 0:
+        return None
+    start = data.find(HINT_MARK)
+    end = data.find(b'\n', start + _HINT_LEN)
+    if start >= 0 and end >= 0 and data.find(HINT_MARK, end) < 0:
+        # one hint, the common case
+        original = _restorations.get(data[start + _HINT_LEN:end])
+        if original is not None and original is not _POP:
+            return data[:start] + original + data[end + 1:]
+    parts = data.split(HINT_MARK)
+    out = [parts[0]]
+    for part in parts[1:]:
+        end = part.find(b'\n')
+        header = part[:end]
+        try:
+            original = _restorations[header]
+        except KeyError:
+            original = _restoration(header) if end > 0 else None
+            if original is None:
+                return None
+            if len(_restorations) < 10000:
+                _restorations[header] = original
+        if original is _POP:
+            if not out[-1].endswith(b'0'):
+                return None
+            out[-1] = out[-1][:-1]
+        else:
+            out.append(original)
+        out.append(part[end + 1:])
+    return b''.join(out)
+
+
+def _restoration(header):
+    """What a hint's ``module:name[:how]`` replaced: a GLOBAL, a GET, or
+    ``_POP``; ``None`` if it is not well formed."""
+    fields = header.split(b':')
+    if len(fields) == 2:
+        return b'c' + fields[0] + b'\n' + fields[1] + b'\n'
+    if len(fields) != 3:
+        return None
+    how = fields[2]
+    try:
+        if how == b'-':
+            return _POP
+        if how[:1] == b'h' and len(how) == 3 or \
+                how[:1] == b'j' and len(how) == 9:
+            return how[:1] + bytes.fromhex(how[1:].decode('ascii'))
+    except ValueError:
+        pass
+    return None
 
 
 def strong_and_weak_oids(data):
@@ -389,17 +451,44 @@ def _apply(data, edits):
     return b''.join(out)
 
 
-def _edit(data, klass_op, new, new_op=None):
-    """The edit that swaps the class op of a pid for ``new``'s GLOBAL
-    (``new_op``, when the caller has it ready)."""
+_H = ord('h')
+_J = ord('j')
+
+
+class Hint(tuple):
+    """``(module, name)`` of a class whose hint a rewrite makes a stub hint;
+    what a ``replace`` callback returns for that."""
+
+
+def _edit(data, klass_op, new):
+    """The edit that swaps the class op of a pid for ``new``'s GLOBAL, or
+    for a stub hint when ``new`` is a :class:`Hint`."""
     start, end, put_end = klass_op
-    if new_op is None:
-        new_op = _global_op(new)
+    if isinstance(new, Hint):
+        return _hint_edit(data, klass_op, tuple(new))
     if put_end is not None:
         # keep the memoized original, then swap it out
         return (start, put_end,
-                data[start:put_end] + b'0' + new_op)  # 0 is POP
-    return (start, end, new_op)
+                data[start:put_end] + b'0' + _global_op(new))  # 0 is POP
+    return (start, end, _global_op(new))
+
+
+def _hint_edit(data, klass_op, klass):
+    """The edit that swaps a class op for the stub hint of ``klass``, saying
+    how to give the replaced bytes back (see :func:`stub_hint`)."""
+    start, end, put_end = klass_op
+    if put_end is not None:
+        # keep the memoized original, then pop it and push the hint
+        return (start, put_end, data[start:put_end] + b'0'
+                + _hint_op(klass, '-'))
+    op = data[start]
+    if op == _H and end - start == 2:
+        how = 'h%02x' % data[start + 1]
+    elif op == _J and end - start == 5:
+        how = 'j' + data[start + 1:end].hex()
+    else:
+        how = ''
+    return (start, end, _hint_op(klass, how))
 
 
 def _exact_edits(data, replace):
@@ -466,7 +555,8 @@ def _exact_edits(data, replace):
                     and pid.value[1].kind == 'global'):
                 oid_e, klass_e = pid.value
                 new = replace(oid_e.value, klass_e.value)
-                if new is not None and tuple(new) != klass_e.value:
+                if new is not None and (isinstance(new, Hint)
+                                        or tuple(new) != klass_e.value):
                     edits.append(_edit(
                         data, (klass_e.start, klass_e.end, klass_e.put_end),
                         new))
@@ -667,7 +757,7 @@ def _pid_edit(data, ops, replace):
     if not klass or klass[0] != 'global' or not oid or oid[0] != 'bytes':
         return False
     new = replace(oid[1], klass[1])
-    if new is None or tuple(new) == klass[1]:
+    if new is None or not isinstance(new, Hint) and tuple(new) == klass[1]:
         return None
     return _edit(data, (klass_start, klass_stop, put_end), new)
 
@@ -708,7 +798,7 @@ def _rewrite_zodb_layout(data, prefix):
     memo = {}
     meta = _META_RE.match(data)
     if meta is not None:
-        memo[0] = _spelled(*meta.groups())[0]
+        memo[0] = _spelled(*meta.groups())
     edits = []
     hints = {}
     expected = []               # (oid, end in the rewritten record)
@@ -723,7 +813,7 @@ def _rewrite_zodb_layout(data, prefix):
         elif oid_q is not None or oid_r is not None:
             memo[_index(oid_q, oid_r)] = oid
         if module is not None:
-            klass, hint_op = _spelled(module, name)
+            klass = _spelled(module, name)
             if klass is None:
                 return None
             put = _index(k_q, k_r)
@@ -736,11 +826,10 @@ def _rewrite_zodb_layout(data, prefix):
             klass = memo.get(_index(k_h, k_j))
             if not isinstance(klass, tuple):
                 return None
-            hint_op = None
             span = (m.start(6), m.end(6), None)
         if oid[0] != prefix and not is_stub_hint(klass):
             hints[oid] = klass
-            edit = _edit(data, span, None, hint_op or _hint_op(klass))
+            edit = _hint_edit(data, span, klass)
             edits.append(edit)
             shift += len(edit[2]) - (edit[1] - edit[0])
         expected.append((oid, m.end() + shift))
@@ -766,21 +855,21 @@ _spellings = {}
 _hint_ops = {}
 
 
-def _hint_op(klass):
-    """The GLOBAL of the stub hint for ``klass``."""
+def _hint_op(klass, how=''):
+    """The GLOBAL op of ``stub_hint(klass, how)``."""
+    key = klass, how
     try:
-        return _hint_ops[klass]
+        return _hint_ops[key]
     except KeyError:
-        op = _global_op(stub_hint(klass))
+        op = _global_op(stub_hint(klass, how))
         if len(_hint_ops) < 10000:
-            _hint_ops[klass] = op
+            _hint_ops[key] = op
         return op
 
 
 def _spelled(module, name):
-    """``(klass, hint_op)`` for a GLOBAL's module and name bytes: the class
-    as ``(module, name)`` and the GLOBAL of its stub hint; ``(None, None)``
-    for bytes that are not UTF-8."""
+    """The ``(module, name)`` a GLOBAL's module and name bytes spell, or
+    ``None`` for bytes that are not UTF-8."""
     key = module, name
     try:
         return _spellings[key]
@@ -789,8 +878,7 @@ def _spelled(module, name):
     try:
         klass = (module.decode('utf-8'), name.decode('utf-8'))
     except UnicodeDecodeError:
-        return None, None
-    found = klass, _hint_op(klass)
+        return None
     if len(_spellings) < 10000:
-        _spellings[key] = found
-    return found
+        _spellings[key] = klass
+    return klass

@@ -43,6 +43,7 @@ from compositestorage.placement import make_policy
 from compositestorage.references import STUB_MARK
 from compositestorage.references import class_of
 from compositestorage.references import hints_to_classes
+from compositestorage.references import restore_hints
 from compositestorage.references import resolver_keeping_tags
 from compositestorage.references import to_child_record
 
@@ -200,6 +201,9 @@ class CompositeStorage(blobs.BlobMethods):
         """The record ZODB sees for ``data`` from ``part``'s child."""
         if not data or not _stub_search(data):
             return data
+        restored = restore_hints(data)
+        if restored is not None:
+            return restored
         return hints_to_classes(data, part.prefix,
                                 lambda ref: self._class_of_target(part, ref))
 
@@ -335,7 +339,10 @@ class CompositeStorage(blobs.BlobMethods):
         if end is not None and end >= limit:
             r = data, start, None
         if data and _stub_search(data):
-            r = self.from_child(self._by_prefix[oid[0]], data), start, r[2]
+            restored = restore_hints(data)
+            if restored is None:
+                restored = self.from_child(self._by_prefix[oid[0]], data)
+            r = restored, start, r[2]
         return r
 
     def loadSerial(self, oid, serial):

@@ -71,7 +71,7 @@ def test_plain_and_hinted_references(tmp_path, closing):
     assert hinted
     # ... and, in its name, the class it stands for
     assert (b'compositestorage.stubs\n'
-            b'PartitionStub:persistent.mapping:PersistentMapping\n'
+            b'PartitionStub:persistent.mapping:PersistentMapping:'
             in main[z64])
     assert n_oid in refs                         # plain ref kept as is
     assert is_stub(main[t_oid]) and is_stub(main[n_oid])
