@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark compositestorage against FileStorage and a ZODB multi-database.
 
-Run ``python benchmarks/bench.py`` (defaults: ``-n 20000 --rounds 5``);
-``--quick`` is ``-n 200 --rounds 1``.  ``--json FILE`` writes every result,
+Run ``python benchmarks/bench.py`` (defaults: ``-n 20000 --rounds 5
+--repeat 2``); ``--quick`` is ``-n 200 --rounds 1 --repeat 1``.  ``--json FILE`` writes every result,
 the raw per-round figures included.
 
 The workloads are modelled on zodbshootout's.  Objects are instances of the
@@ -80,10 +80,16 @@ STORAGE``, on fresh files) and drives them in lockstep: each workload runs
 on every storage, one after the other, before the next workload starts; a
 worker waits, idle, while the others run.  The storages' runs of one
 workload are then seconds apart, so that the drift of a noisy machine
-hardly enters their ratio.  The order of the storages rotates by one each
-round.  The table gives, per workload and storage, the median rate over
-the rounds and, in brackets, the median over the rounds of the ratio to
-FileStorage's rate in the same round; then p50/p99 latencies of the small
+hardly enters their ratio.  With ``--repeat K`` (default 2) the whole set
+of workloads runs K times per round, on new objects in the same storage,
+and each storage keeps its quickest run of each workload: on a machine
+whose speed drifts, the slow runs measure the machine.  FileStorage runs
+first and again last in each round (``fs-again``, a worker of its own);
+the round's reference rate is the geometric mean of the two, and their
+ratio is printed as "fs noise".  The order of the other storages rotates
+by one each round.  The table gives, per workload and storage, the median
+rate over the rounds and, in brackets, the median over the rounds of the
+ratio to the round's FileStorage rate; then p50/p99 latencies of the small
 transactions (medians over rounds) and each storage's peak worker RSS
 (``ru_maxrss``, maximum over rounds).
 """
@@ -255,136 +261,23 @@ def _small(results, name, tm, objs_per_txn):
     }
 
 
-def phases(kind, n, zconfig=None):
+def phases(kind, n, zconfig=None, repeat=1):
     """Run the workloads one by one: yields ``(workload, result)`` after
-    each, and ``('done', totals)`` at the end.
+    each, ``repeat`` times over (each time on new objects in the same
+    storage), and ``('done', totals)`` at the end.
 
     The driver resumes each storage's worker for one workload at a time,
     so that every storage runs a workload within seconds of the others.
     """
-    import transaction
-    from persistent.list import PersistentList
-
-    half = max(1, n // 2)
-
-    def chunked(objs, size=100):
-        return PersistentList(PersistentList(objs[i:i + size])
-                              for i in range(0, len(objs), size))
-
-    results = {}
-
-    def result(name):
-        return name, results[name]
-
     with tempfile.TemporaryDirectory(prefix='csbench-') as directory:
         os.chdir(directory)
-        store = Store(kind, directory, zconfig, cache_size=2 * n + 1000)
-        db = store.open()
-
-        def new_conn(db):
-            tm = transaction.TransactionManager(explicit=True)
-            return db.open(tm), tm
-
-        # -- add / update
-        conn, tm = new_conn(db)
-        objs = [PObject(i) for i in range(n)]
-
-        def add():
-            tm.begin()
-            conn.root()['objs'] = chunked(objs)
-            tm.commit()
-        _timed(results, 'add', n, add)
-        yield result('add')
-
-        def update():
-            tm.begin()
-            for o in objs:
-                o.value += 1
-            tm.commit()
-        _timed(results, 'update', n, update)
-        conn.close()
-        objs = None
-        yield result('update')
-
-        # -- cold / warm / hot
-        db = store.reopen()
-        conn, tm = new_conn(db)
-        tm.begin()
-        root = conn.root()
-        holder = {}
-
-        def read_all():
-            total = 0
-            for chunk in root['objs']:
-                for o in chunk:
-                    total += o.value
-            holder['total'] = total
-        _timed(results, 'cold', n, read_all)
-        yield result('cold')
-        conn.cacheMinimize()
-        _timed(results, 'warm', n, read_all)
-        yield result('warm')
-        read_all()   # make sure every object is in the cache
-
-        def read_hot():
-            for _ in range(HOT_PASSES):
-                read_all()
-        _timed(results, 'hot', HOT_PASSES * n, read_hot)
-        tm.abort()
-        conn.close()
-        yield result('hot')
-
-        # -- cross references
-        conn, tm = new_conn(db)
-        sources = [PObject(i) for i in range(half)]
-        targets = [PObject(i) for i in range(half)]
-        for s, t in zip(sources, targets):
-            s.ref = t
-
-        def xadd():
-            tm.begin()
-            store.place_other(conn, targets)
-            conn.root()['xsources'] = chunked(sources)
-            tm.commit()
-        _timed(results, 'xadd', 2 * half, xadd)
-        yield result('xadd')
-
-        def xupdate():
-            tm.begin()
-            for s in sources:
-                s.value += 1
-                s.ref.value += 1
-            tm.commit()
-        _timed(results, 'xupdate', 2 * half, xupdate)
-        conn.close()
-        sources = targets = None
-        yield result('xupdate')
-
-        db = store.reopen()
-        conn, tm = new_conn(db)
-        tm.begin()
-        root = conn.root()
-
-        def xread():
-            total = 0
-            for chunk in root['xsources']:
-                for s in chunk:
-                    total += s.value + s.ref.value
-            holder['xtotal'] = total
-        _timed(results, 'xcold', 2 * half, xread)
-        yield result('xcold')
-
-        # -- small transactions (objects are already loaded: they are hot)
-        objs = [o for chunk in root['objs'] for o in chunk]
-        sources = [s for chunk in root['xsources'] for s in chunk]
-        pairs = [(s, s.ref) for s in sources]
-        tm.abort()
-        _small(results, 'small1', tm, lambda i: (objs[i % len(objs)],))
-        yield result('small1')
-        _small(results, 'small2', tm, lambda i: pairs[i % len(pairs)])
-        yield result('small2')
+        store = Store(kind, directory, zconfig,
+                      cache_size=2 * n * repeat + 1000)
+        store.open()
+        for rep in range(repeat):
+            for step in _one_set(store, n, '%d' % rep):
+                yield step
         disk = store.disk_bytes()
-        conn.close()
         store.close()
         os.chdir(os.path.dirname(directory))
 
@@ -394,9 +287,130 @@ def phases(kind, n, zconfig=None):
     yield 'done', {'rss_kb': rss_kb, 'disk_bytes': disk}
 
 
-def serve_worker(kind, n, zconfig=None):
+def _one_set(store, n, key):
+    """Every workload once, on new objects under root keys ending in
+    ``key``; yields ``(workload, result)`` after each."""
+    import transaction
+    from persistent.list import PersistentList
+
+    half = max(1, n // 2)
+    results = {}
+
+    def chunked(objs, size=100):
+        return PersistentList(PersistentList(objs[i:i + size])
+                              for i in range(0, len(objs), size))
+
+    def result(name):
+        return name, results[name]
+
+    def new_conn(db):
+        tm = transaction.TransactionManager(explicit=True)
+        return db.open(tm), tm
+
+    # -- add / update
+    conn, tm = new_conn(store.db)
+    objs = [PObject(i) for i in range(n)]
+
+    def add():
+        tm.begin()
+        conn.root()['objs' + key] = chunked(objs)
+        tm.commit()
+    _timed(results, 'add', n, add)
+    yield result('add')
+
+    def update():
+        tm.begin()
+        for o in objs:
+            o.value += 1
+        tm.commit()
+    _timed(results, 'update', n, update)
+    conn.close()
+    objs = None
+    yield result('update')
+
+    # -- cold / warm / hot
+    db = store.reopen()
+    conn, tm = new_conn(db)
+    tm.begin()
+    root = conn.root()
+    holder = {}
+
+    def read_all():
+        total = 0
+        for chunk in root['objs' + key]:
+            for o in chunk:
+                total += o.value
+        holder['total'] = total
+    _timed(results, 'cold', n, read_all)
+    yield result('cold')
+    conn.cacheMinimize()
+    _timed(results, 'warm', n, read_all)
+    yield result('warm')
+    read_all()   # make sure every object is in the cache
+
+    def read_hot():
+        for _ in range(HOT_PASSES):
+            read_all()
+    _timed(results, 'hot', HOT_PASSES * n, read_hot)
+    tm.abort()
+    conn.close()
+    yield result('hot')
+
+    # -- cross references
+    conn, tm = new_conn(db)
+    sources = [PObject(i) for i in range(half)]
+    targets = [PObject(i) for i in range(half)]
+    for s, t in zip(sources, targets):
+        s.ref = t
+
+    def xadd():
+        tm.begin()
+        store.place_other(conn, targets)
+        conn.root()['xsources' + key] = chunked(sources)
+        tm.commit()
+    _timed(results, 'xadd', 2 * half, xadd)
+    yield result('xadd')
+
+    def xupdate():
+        tm.begin()
+        for s in sources:
+            s.value += 1
+            s.ref.value += 1
+        tm.commit()
+    _timed(results, 'xupdate', 2 * half, xupdate)
+    conn.close()
+    sources = targets = None
+    yield result('xupdate')
+
+    db = store.reopen()
+    conn, tm = new_conn(db)
+    tm.begin()
+    root = conn.root()
+
+    def xread():
+        total = 0
+        for chunk in root['xsources' + key]:
+            for s in chunk:
+                total += s.value + s.ref.value
+        holder['xtotal'] = total
+    _timed(results, 'xcold', 2 * half, xread)
+    yield result('xcold')
+
+    # -- small transactions (objects are already loaded: they are hot)
+    objs = [o for chunk in root['objs' + key] for o in chunk]
+    sources = [s for chunk in root['xsources' + key] for s in chunk]
+    pairs = [(s, s.ref) for s in sources]
+    tm.abort()
+    _small(results, 'small1', tm, lambda i: (objs[i % len(objs)],))
+    yield result('small1')
+    _small(results, 'small2', tm, lambda i: pairs[i % len(pairs)])
+    yield result('small2')
+    conn.close()
+
+
+def serve_worker(kind, n, zconfig=None, repeat=1):
     """Run one workload per ``go`` line on stdin, answering in JSON."""
-    work = phases(kind, n, zconfig)
+    work = phases(kind, n, zconfig, repeat)
     for line in sys.stdin:
         if line.strip() != 'go':
             break
@@ -412,9 +426,9 @@ def serve_worker(kind, n, zconfig=None):
 class Worker:
     """A fresh worker process for one storage in one round."""
 
-    def __init__(self, kind, n, zconfigs, label=None):
+    def __init__(self, kind, n, zconfigs, repeat=1, label=None):
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind,
-               '-n', str(n)]
+               '-n', str(n), '--repeat', str(repeat)]
         if kind.startswith('zconfig:'):
             cmd += ['--zconfig', zconfigs[kind]]
         self.kind = label or kind
@@ -440,8 +454,15 @@ class Worker:
         if name == 'done':
             self.proc.wait()
             self.stderr.close()
-            return dict(result, storage=self.kind, results=self.results)
-        self.results[name] = result
+            return dict(result, storage=self.kind, results=self.best(),
+                        repeats=self.results)
+        self.results.setdefault(name, []).append(result)
+
+    def best(self):
+        """Each workload's quickest repetition: on a machine whose speed
+        drifts, the slow ones measure the machine, not the storage."""
+        return {name: max(runs, key=lambda r: r['rate'])
+                for name, runs in self.results.items()}
 
     def fail(self, what):
         self.proc.kill()
@@ -456,23 +477,28 @@ class Worker:
 FS_AGAIN = 'fs-again'
 
 
-def run_round(order, n, zconfigs):
+def run_round(order, n, zconfigs, repeat=1):
     """One round: a fresh worker per storage, driven in lockstep.
 
     Each workload runs on every storage before the next workload starts,
-    so the storages' runs of one workload are seconds apart, not minutes.
-    FileStorage runs first and again last (``fs-again``, a worker of its
-    own): the reference for the round is the geometric mean of the two,
-    which cancels a drift of the machine across the storages in between,
-    and the ratio of the two shows how noisy the machine was.
+    so the storages' runs of one workload are seconds apart, not minutes;
+    with ``repeat``, the whole set of workloads runs that many times, each
+    storage keeping its quickest run of each workload.  FileStorage runs
+    first and again last (``fs-again``, a worker of its own): the
+    reference for the round is the geometric mean of the two, which
+    cancels a drift of the machine across the storages in between, and the
+    ratio of the two shows how noisy the machine was.
     """
     others = [kind for kind in order if kind != 'fs']
-    workers = ([Worker('fs', n, zconfigs)]
-               + [Worker(kind, n, zconfigs) for kind in others]
-               + [Worker('fs', n, zconfigs, label=FS_AGAIN)])
+    workers = ([Worker('fs', n, zconfigs, repeat)]
+               + [Worker(kind, n, zconfigs, repeat) for kind in others]
+               + [Worker('fs', n, zconfigs, repeat, label=FS_AGAIN)])
     try:
-        for workload in WORKLOADS + ('done',):
-            results = [w.step(workload) for w in workers]
+        for _ in range(repeat):
+            for workload in WORKLOADS:
+                for w in workers:
+                    w.step(workload)
+        results = [w.step('done') for w in workers]
     finally:
         for w in workers:
             if w.proc.poll() is None:
@@ -539,10 +565,11 @@ def _rate(x):
     return '%.0f/s' % x
 
 
-def format_table(storages, summary, n, nrounds):
+def format_table(storages, summary, n, nrounds, repeat=1):
     width = max(20, max(len(s) for s in storages) + 2)
-    lines = ['objects per second, median of %d round(s), N=%d; '
-             '(x) = median per-round ratio to fs' % (nrounds, n),
+    lines = ['objects per second, median of %d round(s) (each the best of '
+             '%d run(s)), N=%d; (x) = median per-round ratio to fs'
+             % (nrounds, repeat, n),
              'fs is the geometric mean of a FileStorage run before and one '
              'after the others;',
              'fs noise = median ratio of the second run to the first', '']
@@ -585,8 +612,12 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=5,
                         help='rounds; each runs every storage once in a '
                              'fresh process (default 5)')
+    parser.add_argument('--repeat', type=int, default=2,
+                        help='runs of the whole set of workloads in each '
+                             'round; each storage keeps its quickest run of '
+                             'each workload (default 2)')
     parser.add_argument('--quick', action='store_true',
-                        help='shorthand for -n 200 --rounds 1')
+                        help='shorthand for -n 200 --rounds 1 --repeat 1')
     parser.add_argument('--storages', default=','.join(STORAGES),
                         help='comma-separated subset of %s (fs is always '
                              'run: ratios are to it)' % ','.join(STORAGES))
@@ -600,13 +631,13 @@ def main(argv=None):
     parser.add_argument('--worker', metavar='STORAGE', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.n, args.rounds = 200, 1
-    if args.n < 2 or args.rounds < 1:
-        parser.error('need -n >= 2 and --rounds >= 1')
+        args.n, args.rounds, args.repeat = 200, 1, 1
+    if args.n < 2 or args.rounds < 1 or args.repeat < 1:
+        parser.error('need -n >= 2, --rounds >= 1 and --repeat >= 1')
 
     if args.worker:
         zconfig = os.path.abspath(args.zconfig[0]) if args.zconfig else None
-        serve_worker(args.worker, args.n, zconfig)
+        serve_worker(args.worker, args.n, zconfig, args.repeat)
         return 0
 
     storages = [s.strip() for s in args.storages.split(',') if s.strip()]
@@ -626,19 +657,21 @@ def main(argv=None):
 
     started = time.time()
     rounds = []
+    others = storages[1:]
     for r in range(args.rounds):
-        k = r % len(storages)
-        order = storages[k:] + storages[:k]
-        rounds.append(run_round(order, args.n, zconfigs))
-        print('round %d/%d done (%s), %.0f s elapsed'
+        k = r % len(others) if others else 0
+        order = others[k:] + others[:k]
+        rounds.append(run_round(order, args.n, zconfigs, args.repeat))
+        print('round %d/%d done (fs %s fs-again), %.0f s elapsed'
               % (r + 1, args.rounds, ' '.join(order), time.time() - started),
               file=sys.stderr)
     summary = summarize(storages, rounds)
-    print(format_table(storages, summary, args.n, args.rounds))
+    print(format_table(storages, summary, args.n, args.rounds, args.repeat))
     wall = time.time() - started
     print('\nwall time %.1f s' % wall)
     if args.json:
-        out = {'n': args.n, 'rounds': args.rounds, 'storages': storages,
+        out = {'n': args.n, 'rounds': args.rounds, 'repeat': args.repeat,
+               'storages': storages,
                'workloads': list(WORKLOADS), 'small_transactions': SMALL_TXNS,
                'python': sys.version, 'wall_seconds': wall,
                'zconfig': zconfigs, 'summary': summary, 'raw': rounds}
