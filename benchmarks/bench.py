@@ -2,8 +2,9 @@
 """Benchmark compositestorage against FileStorage and a ZODB multi-database.
 
 Run ``python benchmarks/bench.py`` (defaults: ``-n 20000 --rounds 5
---repeat 2``); ``--quick`` is ``-n 200 --rounds 1 --repeat 1``.  ``--json FILE`` writes every result,
-the raw per-round figures included.
+--repeat 2``); ``--quick`` is ``-n 200 --rounds 1 --repeat 1``.
+``--json FILE`` writes every result, the raw per-round figures included.
+``--profile STORAGE`` runs every workload once under cProfile instead.
 
 The workloads are modelled on zodbshootout's.  Objects are instances of the
 tiny ``PObject`` class below (one integer attribute, plus ``ref`` for the
@@ -601,6 +602,23 @@ def format_table(storages, summary, n, nrounds, repeat=1):
     return '\n'.join(lines)
 
 
+def profile(kind, n, zconfig_paths):
+    """Run every workload once on ``kind`` under cProfile; print the stats."""
+    import cProfile
+    import pstats
+    if kind not in STORAGES:
+        raise SystemExit('unknown storage %r' % kind)
+    zconfig = os.path.abspath(zconfig_paths[0]) if zconfig_paths else None
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for name, result in phases(kind, n, zconfig):
+        if name != 'done':
+            print('%-8s %s' % (name, _rate(result['rate'])))
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats('tottime').print_stats(30)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description='Benchmark compositestorage against FileStorage and a '
@@ -628,12 +646,19 @@ def main(argv=None):
     parser.add_argument('--json', metavar='FILE',
                         help='write all results, per-round raw figures '
                              'included, to FILE')
+    parser.add_argument('--profile', metavar='STORAGE',
+                        help='run every workload once on STORAGE in this '
+                             'process under cProfile and print where the '
+                             'time went (the 30 costliest functions)')
     parser.add_argument('--worker', metavar='STORAGE', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.repeat = 200, 1, 1
     if args.n < 2 or args.rounds < 1 or args.repeat < 1:
         parser.error('need -n >= 2, --rounds >= 1 and --repeat >= 1')
+
+    if args.profile:
+        return profile(args.profile, args.n, args.zconfig)
 
     if args.worker:
         zconfig = os.path.abspath(args.zconfig[0]) if args.zconfig else None

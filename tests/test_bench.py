@@ -52,3 +52,14 @@ def test_tiny_run(tmp_path):
         assert raw['rss_kb'] > 0
         assert set(WORKLOADS) <= set(raw['results'])
         assert raw['results']['small1']['transactions'] == 500
+
+
+def test_profile_prints_where_the_time_went(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, BENCH, '--profile', 'composite2', '-n', '50'],
+        capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for wl in WORKLOADS:
+        assert wl in proc.stdout
+    assert 'function calls' in proc.stdout
+    assert 'compositestorage' in proc.stdout     # the composite's own frames
