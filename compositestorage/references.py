@@ -16,23 +16,26 @@ cross-partition reference never changes its oid.  Only the class hint of the
 :class:`~compositestorage.stubs.PartitionStub`, so a plain ZODB opening the
 child alone sees a stub rather than an object of the wrong class.
 
-In a child, a class hint also names the class it stands for:
-``compositestorage.stubs`` ``PartitionStub:module:name``.  The stubs module
-resolves every such name to the stub class, so a plain ZODB still sees a
-stub; the composite reads the class back out of the name, without loading
-the stub.
+In a child, a class hint also names the class it stands for, and how to
+give back the bytes it replaced: ``compositestorage.stubs``
+``PartitionStub:module:name[:how]`` (see :func:`stub_hint`).  The stubs
+module resolves every such name to the stub class, so a plain ZODB still
+sees a stub; the composite gives ZODB back the exact bytes ZODB stored,
+without loading the stub.
 
-Most records need no parsing at all.  On store, a regular expression over
-the bytes finds records that cannot hold an oid of another partition (a
-protocol 3 pickle spells every oid ``C\\x08`` and its eight bytes); only
-the rest are scanned with the C unpickler's ``noload`` (no class is ever
-imported).  On load, a record without the stub class's name comes back byte
-for byte, and one with it has its hints turned back by one substitution.
-That substitution is exact because of how records are stored: a record
-whose own bytes already hold a hint's spelling (user data that looks like
-a hint) is stored with :data:`EXACT_TAG` appended, and such records take
-the opcode-level path instead.  A pickle ignores bytes after its STOP, so a
-plain ZODB reads tagged records as usual.
+Most records need no parsing at all.  On store, :func:`quick_check` finds
+the records that cannot hold an oid of another partition (a protocol 3
+pickle spells every oid ``C\\x08`` and its eight bytes), and those are
+stored as they are.  The others, in ZODB's own layout, are rewritten by
+one regular expression whose result one C ``noload`` checks; anything else
+goes through an opcode scan, and that failing, an exact stack-tracking
+parse.  No class is ever imported.  On load, a record without the stub
+class's name comes back byte for byte, and one with it is split at its
+hints and put back together.  That is exact because of how records are
+stored: a record whose own bytes already hold a hint's spelling (user data
+that looks like a hint) is stored with :data:`EXACT_TAG` appended, and such
+records take the opcode-level path instead.  A pickle ignores bytes after
+its STOP, so a plain ZODB reads tagged records as usual.
 """
 import io
 import pickletools
@@ -169,32 +172,31 @@ def quick_check(prefix):
 def scan(data, prefix):
     """Scan a record that is to be stored in partition ``prefix``.
 
-    Returns ``(foreign, hinted, pids)``: the set of oids referenced from
-    another partition (strong and weak alike, for each needs a stub in this
-    partition); whether any of them is referenced with a class hint, which
-    is what makes the record need rewriting; and every persistent id with
-    the offset where it ends, for :func:`classes_to_hints`.  The common
-    record, with no reference outside its partition, is recognised by one
-    regular expression and comes back as ``((), False, None)``.
+    Returns ``(foreign, hinted)``: the set of oids referenced from another
+    partition (strong and weak alike, for each needs a stub in this
+    partition), and whether any of them is referenced with a class hint,
+    which is what makes the record need rewriting.  The common record,
+    with no reference outside its partition, is recognised by the quick
+    check and comes back as ``((), False)`` unparsed.
     """
     if data[:2] == b'\x80\x03' and not quick_check(prefix)(data):
-        return (), False, None
+        return (), False
     try:
-        pids = pids_and_ends(data)[0]
+        refs = persistent_ids(data)
     except Exception:
         # Not a ZODB pickle: storages accept any bytes, and such a record
         # holds no reference to rewrite.
-        return (), False, None
+        return (), False
     foreign = None
     hinted = False
-    for ref, _ in pids:
+    for ref in refs:
         oid = _ref_oid(ref)
         if oid is not None and oid[0] != prefix:
             if foreign is None:
                 foreign = set()
             foreign.add(oid)
             hinted = hinted or isinstance(ref, tuple)
-    return foreign or (), hinted, pids
+    return foreign or (), hinted
 
 
 def _ref_oid(ref):
@@ -213,11 +215,6 @@ def _ref_oid(ref):
     return _oid_bytes(oid)
 
 
-def crossing(data, prefix):
-    """``(foreign, hinted)`` of :func:`scan`."""
-    return scan(data, prefix)[:2]
-
-
 def to_child_record(data, prefix):
     """``(record, foreign, hints)`` for ``data`` to be stored in partition
     ``prefix``: the record its child stores, the oids of other partitions
@@ -230,7 +227,7 @@ def to_child_record(data, prefix):
             record, foreign, hints = done
             return (record + EXACT_TAG if needs_tag(data) else record,
                     foreign, hints)
-    foreign, hinted, _ = scan(data, prefix)
+    foreign, hinted = scan(data, prefix)
     record, hints = classes_to_hints(data, prefix) if hinted else (data, {})
     return (record + EXACT_TAG if needs_tag(data) else record,
             foreign, hints)

@@ -106,7 +106,7 @@ def zodb_records(tmp_path):
 def test_zodbs_layout_takes_the_regular_expression(zodb_records):
     hinted_records = 0
     for prefix, data in zodb_records:
-        foreign, hinted, _ = scan(data, prefix)
+        foreign, hinted = scan(data, prefix)
         done = _rewrite_zodb_layout(data, prefix)
         assert done is not None, data       # ZODB's layout: never a fallback
         record, found, hints = done
@@ -145,16 +145,18 @@ def test_a_pickle_inside_user_bytes_is_not_rewritten():
     assert (record, foreign, hints) == (data, (), {})
 
 
-def test_the_quick_check_passes_what_needs_no_rewrite(zodb_records):
+def test_the_quick_check_passes_only_what_needs_no_rewrite(zodb_records):
+    passed = caught = 0
     for prefix, data in zodb_records:
-        foreign, hinted, pids = scan(data, prefix)
+        refs = [_oid_bytes(p[0] if isinstance(p, tuple) else p)
+                for p in persistent_ids(data) if not isinstance(p, list)]
+        crossing = any(oid[0] != prefix for oid in refs)
         if quick_check(prefix)(data):
+            caught += crossing
             continue
-        assert pids is None and not foreign
-        # the full scan agrees: nothing of another partition in there
-        assert all(_oid_bytes(p[0] if isinstance(p, tuple) else p)[0]
-                   == prefix for p in persistent_ids(data)
-                   if not isinstance(p, list))
+        passed += 1
+        assert not crossing         # the full parse agrees
+    assert passed > 20 and caught > 20
 
 
 def test_long_records_are_checked_by_counting():
@@ -368,7 +370,7 @@ def test_hand_made_layouts_agree(make):
     exact = _exact_edits(data, replace)
     assert len(exact) == 3
     assert _quick_edits(data, replace) == exact
-    foreign, hinted, pids = scan(data, 0)
+    foreign, hinted = scan(data, 0)
     assert foreign == {OID_A, OID_B} and hinted
     stored, found, hints = to_child_record(data, 0)
     assert found == foreign
