@@ -621,6 +621,49 @@ def cmd_info(args, out=None):
     return 0
 
 
+# --- recover ------------------------------------------------------------------
+
+def cmd_recover(args, out=None):
+    out = out or sys.stdout
+    from compositestorage.recovery import recover
+    from compositestorage.storage import CompositeStorage
+    if not os.path.isfile(args.config):
+        raise CLIError('no such file: %s (recover needs the ZConfig file of '
+                       'the composite; it opens the children itself)'
+                       % args.config)
+    opener = storage_opener_from_file(args.config)
+    if args.dry_run:
+        make_read_only(opener)
+        drop_blob_dirs(opener)
+    storage = opener.open()
+    try:
+        if not isinstance(storage, CompositeStorage):
+            raise CLIError('%s opens a %s, not a composite'
+                           % (args.config, type(storage).__name__))
+        journal = storage.journal
+        if journal is None:
+            raise CLIError('%s has no journal (its primary is not a '
+                           'FileStorage and no journal path is configured)'
+                           % args.config)
+        if args.dry_run:
+            outcome = recover(storage._by_prefix, journal, dry_run=True)
+        else:
+            outcome = storage.recovered     # opening recovered
+    finally:
+        storage.close()
+    if args.json:
+        report = {'journal': journal.path, 'dry_run': args.dry_run,
+                  'outcome': outcome.as_dict() if outcome else None}
+        print(json.dumps(report, indent=2, sort_keys=True), file=out)
+    elif outcome is None:
+        print('%s: nothing to recover' % journal.path, file=out)
+    else:
+        print('%s: %s%s' % (journal.path, outcome,
+                            ' (dry run: nothing changed)' if args.dry_run
+                            else ''), file=out)
+    return 0
+
+
 # --- demo -------------------------------------------------------------------
 
 def cmd_demo(args, out=None):
@@ -699,6 +742,28 @@ def make_parser():
     info.add_argument('--json', action='store_true',
                       help='print the same facts as one JSON object')
     info.set_defaults(func=cmd_info)
+
+    recover = sub.add_parser(
+        'recover', help='complete or remove a transaction a crash left '
+                        'half-finished',
+        description='Open a composite as its one writer, which recovers: a '
+                    'transaction over several partitions that the journal '
+                    'says had begun to finish is kept if every partition '
+                    'has it, and otherwise removed from the ones that have '
+                    'it.  Prints what was found and done (the tid, the '
+                    'partitions and the action).  The storage must not be '
+                    'open elsewhere: stop a server that serves it first.')
+    recover.add_argument(
+        'config', metavar='CONFIG',
+        help='a ZConfig file of the composite ("%%import compositestorage" '
+             'and a <zodb> section, a bare <compositestorage> section, or '
+             'a zeo.conf)')
+    recover.add_argument('--dry-run', action='store_true',
+                         help='open read-only and only report what '
+                              'recovery would do')
+    recover.add_argument('--json', action='store_true',
+                         help='print the report as one JSON object')
+    recover.set_defaults(func=cmd_recover)
 
     demo = sub.add_parser(
         'demo', help='commit a cross-partition reference into the embedded '

@@ -10,8 +10,10 @@ invalidations) runs, only after every participant has finished, so a
 reader never starts a snapshot that sees the transaction in only some
 partitions (DESIGN.md, invariants 5 and 6).
 
-Crash atomicity (the journal and recovery) is not here yet: if the process
-dies between two children's ``tpc_finish`` calls, the children disagree.
+A transaction with more than one participant writes its intent to the
+journal before the first child finishes (see :mod:`compositestorage.journal`
+and :mod:`compositestorage.recovery`); one with a single participant pays
+nothing beyond that child's own commit.
 """
 import logging
 import threading
@@ -23,7 +25,11 @@ from ZODB.utils import newTid
 from ZODB.utils import z64
 
 from compositestorage.errors import CorruptStubError
+from compositestorage.faults import point as fault_point
+from compositestorage.journal import Intent
 from compositestorage.partition import is_internal
+from compositestorage.recovery import has_transaction
+from compositestorage.recovery import roll_back
 from compositestorage.references import class_of
 from compositestorage.stubs import read_stub
 from compositestorage.stubs import stub_record
@@ -89,6 +95,8 @@ class Coordinator:
         self.state = None
         #: internal records a child still needs: {Partition: [(oid, data)]}
         self.pending_init = {}
+        #: new tids go above this one too: a tid taken back is not reused
+        self.tid_floor = z64
 
     # --- phase one ----------------------------------------------------------
 
@@ -102,7 +110,7 @@ class Coordinator:
         try:
             storage = self._storage
             if tid is None:
-                tid = newTid(storage._ltid)
+                tid = newTid(max(storage._ltid, self.tid_floor))
             state = TransactionState(transaction, tid, status)
             with self._lock:
                 self.state = state
@@ -215,7 +223,9 @@ class Coordinator:
             self.begin(state, writable[0] if writable
                        else self._storage.primary)
         for part in list(state.begun.values()):
+            fault_point('vote', part.name)
             resolved = part.storage.tpc_vote(state.child_txn[part.prefix])
+            fault_point('voted', part.name)
             if resolved:
                 state.resolved.update(
                     oid for oid in resolved
@@ -236,37 +246,76 @@ class Coordinator:
     def _finish(self, state, func):
         """Finish every participant, then tell ZODB, then move the tid.
 
+        A transaction with more than one participant first makes its
+        intent durable in the journal; see ``docs/commit-protocol.rst``.
         Runs under the storage's finish lock, which ``lastTransaction()``
         also takes: as with FileStorage, a caller asking for the last tid
         while a commit finishes waits and gets the new one, after ZODB's
         invalidations (``func``) have gone out.
         """
         storage = self._storage
-        error = None
-        for part in state.begun.values():
+        parts = list(state.begun.values())
+        journal = storage.journal if len(parts) > 1 else None
+        if journal is not None:
+            journal.write_intent(Intent(state.tid,
+                                        [p.prefix for p in parts]))
+            fault_point('intent-written')
+        finished = []
+        for part in parts:
             try:
                 part.storage.tpc_finish(state.child_txn[part.prefix])
-            except Exception as e:  # no journal yet: see module doc
+            except Exception:
                 logger.critical(
-                    'partition %r failed in tpc_finish of %s; the '
-                    'partitions may now disagree', part.name,
-                    state.tid.hex(), exc_info=True)
-                error = error or e
+                    'partition %r failed in tpc_finish of %s',
+                    part.name, state.tid.hex(), exc_info=True)
+                self._remove_partial(state, parts, finished, journal)
+                raise
+            finished.append(part)
+            fault_point('finished', part.name)
+        if journal is not None:
+            journal.clear()
+            fault_point('journal-cleared')
         for part, oid, klass in state.new_stubs:
             part.stubs[oid] = klass
-        for part in state.begun.values():
+        for part in parts:
             self.pending_init.pop(part, None)
         # The commit point: every participant has finished.  Loads may
         # now see the tid.
         storage.advance_visible(state.tid)
         try:
-            if error is None and func is not None:
+            if func is not None:
                 func(state.tid)
         finally:
             storage._ltid = state.tid
-        if error is not None:
-            raise error
         return state.tid
+
+    def _remove_partial(self, state, parts, finished, journal):
+        """A participant failed to finish: take the transaction out of the
+        ones that have it and abort the rest, so that no partition holds
+        it.  If that fails too, the storage refuses writes until it is
+        reopened, which recovers from the journal."""
+        failed = []
+        for part in parts:
+            txn = state.child_txn[part.prefix]
+            try:
+                if part in finished or has_transaction(part, state.tid):
+                    roll_back(part, state.tid)
+                else:
+                    part.storage.tpc_abort(txn)
+            except Exception:
+                logger.critical(
+                    'partition %r: could not take back transaction %s',
+                    part.name, state.tid.hex(), exc_info=True)
+                failed.append(part.name)
+        if failed:
+            self._storage.refuse_writes(
+                'transaction %s failed to finish and could not be taken '
+                'back from partition(s) %s; reopen the storage (or run '
+                '"compositestorage recover") to recover it from the journal'
+                % (state.tid.hex(), ', '.join(failed)))
+        elif journal is not None:
+            journal.clear_durably()
+        self.tid_floor = state.tid
 
     def tpc_abort(self, transaction):
         with self._lock:

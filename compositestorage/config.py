@@ -43,7 +43,8 @@ class CompositeStorageConfig(BaseConfig):
             return CompositeStorage(
                 opened, name=c.name, placement=c.placement,
                 default_partition=c.default_partition,
-                read_only=c.read_only, pack_gc=c.pack_gc)
+                read_only=c.read_only, pack_gc=c.pack_gc,
+                journal=c.journal)
         except BaseException:
             for p in opened:
                 p.storage.close()

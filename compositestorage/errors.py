@@ -95,3 +95,15 @@ class CorruptStubError(CompositeStorageError):
 
 class ForeignRecordError(CompositeStorageError):
     """A child holds a home record whose oid belongs to no partition."""
+
+
+class RecoveryError(CompositeStorageError):
+    """A half-finished transaction cannot be completed or removed."""
+
+
+class WriterLockedError(CompositeStorageError):
+    """Another coordinator is writing to these partitions."""
+
+
+class WritesRefusedError(CompositeStorageError):
+    """The storage refuses writes until it is reopened and recovered."""

@@ -32,6 +32,9 @@ from compositestorage import iteration
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import UnknownPartitionError
+from compositestorage.errors import WritesRefusedError
+from compositestorage.journal import lock_writer
+from compositestorage.journal import open_journal
 from compositestorage.errors import oid_hex
 from compositestorage.partition import MAP_SUFFIX
 from compositestorage.partition import Partition
@@ -40,6 +43,7 @@ from compositestorage.partition import check_foreign_records
 from compositestorage.partition import check_layout
 from compositestorage.partition import check_maps
 from compositestorage.placement import make_policy
+from compositestorage.recovery import recover
 from compositestorage.references import STUB_MARK
 from compositestorage.references import class_of
 from compositestorage.references import hints_to_classes
@@ -66,7 +70,8 @@ class CompositeStorage(blobs.BlobMethods):
     """
 
     def __init__(self, partitions, name=None, placement='default',
-                 default_partition=None, read_only=False, pack_gc=True):
+                 default_partition=None, read_only=False, pack_gc=True,
+                 journal=None):
         check_layout([
             (p.name, p.prefix, p.storage, storage_identity(p.storage))
             if isinstance(p, Partition) else
@@ -92,21 +97,67 @@ class CompositeStorage(blobs.BlobMethods):
                                     if not p.read_only}
         self.__name__ = name or 'Composite(%s)' % ', '.join(
             '%s=%s' % (p.name, p.storage.getName()) for p in self.partitions)
-        self._ltid = max([z64] + [p.storage.lastTransaction()
-                                  for p in self.partitions])
+        self._refused = None
+        self.journal = open_journal(journal, self.primary)
+        self._writer_lock = None
+        try:
+            self._open_journal()
+            self._finish_lock = threading.RLock()
+            self._coordinator = Coordinator(self)
+            self._policy = make_policy(placement, self)
+            for p in self.partitions:
+                resolve = getattr(p.storage, 'tryToResolveConflict', None)
+                if resolve is not None:
+                    p.storage.tryToResolveConflict = resolver_keeping_tags(
+                        resolve)
+            self.identity = None
+            self._check_maps()
+            self._declare_interfaces()
+        except BaseException:
+            self._release_writer_lock()
+            raise
+
+    def _open_journal(self):
+        """Become the one writer, recover, and find what loads may see.
+
+        A writer takes the lock beside the journal and completes or removes
+        a transaction the journal says had begun to finish.  A read-only
+        composite recovers nothing: it does not see a transaction whose
+        intent is still in the journal.
+        """
+        journal = self.journal
+        self.recovered = None
+        hide = None
+        if journal is not None:
+            if self._read_only:
+                intent = journal.read()
+                hide = intent.tid if intent is not None else None
+            else:
+                self._writer_lock = lock_writer(journal)
+                self.recovered = recover(self._by_prefix, journal)
+        elif not self._read_only and len(self.partitions) > 1:
+            logger.warning(
+                '%s: no journal (its primary is not a FileStorage and no '
+                'journal path is configured), so a transaction over several '
+                'partitions is not crash-safe', self.__name__)
+        last = z64
+        for p in self.partitions:
+            tid = p.storage.lastTransaction()
+            if hide is not None and tid >= hide:
+                tid = p64(u64(hide) - 1)
+            last = max(last, tid)
+        self._ltid = last
         #: The last tid every participant has finished: what loads may see.
         self.advance_visible(self._ltid)
-        self._finish_lock = threading.RLock()
-        self._coordinator = Coordinator(self)
-        self._policy = make_policy(placement, self)
-        for p in self.partitions:
-            resolve = getattr(p.storage, 'tryToResolveConflict', None)
-            if resolve is not None:
-                p.storage.tryToResolveConflict = resolver_keeping_tags(
-                    resolve)
-        self.identity = None
-        self._check_maps()
-        self._declare_interfaces()
+
+    def _release_writer_lock(self):
+        if self._writer_lock is not None:
+            self._writer_lock.close()
+            self._writer_lock = None
+
+    def refuse_writes(self, reason):
+        """Refuse every later ``tpc_begin``, saying ``reason``."""
+        self._refused = reason
 
     # --- set-up ---------------------------------------------------------------
 
@@ -251,8 +302,11 @@ class CompositeStorage(blobs.BlobMethods):
         """Nothing to do: invalidations reach ZODB through tpc_finish."""
 
     def close(self):
-        for p in self.partitions:
-            p.storage.close()
+        try:
+            for p in self.partitions:
+                p.storage.close()
+        finally:
+            self._release_writer_lock()
 
     def cleanup(self):
         for p in self.partitions:
@@ -362,6 +416,8 @@ class CompositeStorage(blobs.BlobMethods):
     def tpc_begin(self, transaction, tid=None, status=' '):
         if self._read_only:
             raise POSException.ReadOnlyError()
+        if self._refused is not None:
+            raise WritesRefusedError(self._refused)
         self._coordinator.tpc_begin(transaction, tid, status)
 
     def tpc_transaction(self):

@@ -103,10 +103,12 @@ def test_round_trip_format_resolve_open_reopen(tmp_path):
     finally:
         db.close()
 
-    # the children are the files the URI named, each holding its objects
+    # the children are the files the URI named, each holding its objects;
+    # the commit journal (and its writer lock) sit beside the primary
     assert sorted(os.listdir(var)) == sorted(
-        os.path.basename(p) + ext for p in paths.values()
-        for ext in ('', '.index', '.lock', '.tmp'))
+        [os.path.basename(p) + ext for p in paths.values()
+         for ext in ('', '.index', '.lock', '.tmp')]
+        + ['main.fs.journal', 'main.fs.journal.lock'])
     assert 1 in prefixes(paths['catalog'])
     assert 9 in prefixes(paths['archive'])
 

@@ -1,0 +1,129 @@
+"""The commit journal: the one durability point of a transaction that
+touches more than one partition.
+
+Before the first child of such a transaction finishes, the coordinator
+writes an *intent* (the tid and the prefixes of every participant) and
+fsyncs it.  After every participant has finished, it clears the journal
+(no fsync: an intent left behind by a crash after that point describes a
+transaction that every participant has, which recovery recognises).  A
+transaction that touches one partition never writes here.
+
+The file holds at most one intent, because the coordinator commits one
+transaction at a time.  An intent is a fixed header, the tid, the
+prefixes and a CRC; a torn or empty file holds no intent (a torn intent was
+being written, so no participant had begun to finish).
+
+See ``docs/commit-protocol.rst`` for the protocol and the recovery rules.
+"""
+import os
+import struct
+import zlib
+
+import zc.lockfile
+
+from compositestorage.errors import WriterLockedError
+
+MAGIC = b'CSJ1'
+_HEAD = struct.Struct('>4s8sB')
+
+
+class Intent:
+    """A multi-partition transaction that had begun to finish."""
+
+    def __init__(self, tid, prefixes):
+        self.tid = tid
+        self.prefixes = tuple(sorted(prefixes))
+
+    def __eq__(self, other):
+        return (isinstance(other, Intent) and self.tid == other.tid
+                and self.prefixes == other.prefixes)
+
+    def __repr__(self):
+        return '<Intent tid=%s partitions=%s>' % (
+            self.tid.hex(), ','.join(str(p) for p in self.prefixes))
+
+
+def encode(intent):
+    body = _HEAD.pack(MAGIC, intent.tid, len(intent.prefixes)) + bytes(
+        intent.prefixes)
+    return body + struct.pack('>I', zlib.crc32(body))
+
+
+def decode(data):
+    """The intent ``data`` holds, or ``None`` for an empty or torn file."""
+    if len(data) < _HEAD.size + 4:
+        return None
+    magic, tid, count = _HEAD.unpack_from(data)
+    end = _HEAD.size + count
+    if magic != MAGIC or len(data) < end + 4:
+        return None
+    (crc,) = struct.unpack_from('>I', data, end)
+    if crc != zlib.crc32(data[:end]):
+        return None
+    return Intent(tid, data[_HEAD.size:end])
+
+
+class Journal:
+    """The journal file at ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def read(self):
+        try:
+            with open(self.path, 'rb') as f:
+                return decode(f.read())
+        except FileNotFoundError:
+            return None
+
+    def write_intent(self, intent):
+        """Make ``intent`` durable: written and fsynced, and so is the
+        directory entry of a new journal file."""
+        new = not os.path.exists(self.path)
+        with open(self.path, 'wb') as f:
+            f.write(encode(intent))
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            self._fsync_directory()
+
+    def clear(self):
+        """Forget the intent.  Not fsynced: see the module docstring."""
+        with open(self.path, 'wb'):
+            pass
+
+    def clear_durably(self):
+        """Forget the intent for good (recovery, before it reports done)."""
+        with open(self.path, 'wb') as f:
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _fsync_directory(self):
+        directory = os.path.dirname(os.path.abspath(self.path))
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def open_journal(path, primary):
+    """The journal at ``path``, or beside the primary's FileStorage file;
+    ``None`` when there is neither."""
+    if path is None:
+        file_name = getattr(primary.base, '_file_name', None)
+        if not file_name:
+            return None
+        path = file_name + '.journal'
+    return Journal(path)
+
+
+def lock_writer(journal):
+    """The lock that makes this process the one writer of the partitions."""
+    path = journal.path + '.lock'
+    try:
+        return zc.lockfile.LockFile(path)
+    except zc.lockfile.LockError:
+        raise WriterLockedError(
+            'another process is writing to these partitions (it holds %s); '
+            'stop it, or open this composite read-only' % path)

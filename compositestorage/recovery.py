@@ -1,0 +1,221 @@
+"""Completing or removing a multi-partition transaction that did not finish.
+
+The journal (see :mod:`compositestorage.journal`) holds the intent of the
+one transaction that may have finished in some participants and not in
+others.  Recovery compares it with the children:
+
+* every participant has the tid: the transaction is complete (the process
+  died after the last child finished, before the journal was cleared);
+* no participant has it: nothing to do (the process died before the first
+  child finished);
+* some have it: the coordinator's ``tpc_finish`` never returned, so the
+  transaction was never acknowledged, and it is rolled back in the
+  participants that have it.
+
+A child has the tid as its last transaction, because the coordinator is the
+only writer and commits one transaction at a time.  Rolling a FileStorage
+child back cuts its file at the start of that transaction, removes the
+transaction's blobs and rebuilds the index.  Each step is idempotent, and
+the journal is cleared (durably) only after all of them, so a crash during
+recovery is recovered by the next one.
+
+See ``docs/commit-protocol.rst``.
+"""
+import logging
+import os
+
+from ZODB.FileStorage import FileStorage
+from ZODB.FileStorage.FileStorage import read_index
+from ZODB.FileStorage.format import TRANS_HDR_LEN
+from ZODB.FileStorage.format import TxnHeaderFromString
+from ZODB.MappingStorage import MappingStorage
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import u64
+from ZODB.utils import z64
+
+from compositestorage.errors import RecoveryError
+from compositestorage.faults import point as fault_point
+
+logger = logging.getLogger(__name__)
+
+COMPLETE = 'complete'
+ABSENT = 'absent'
+ROLLED_BACK = 'rolled back'
+
+
+class Outcome:
+    """What recovery found and did for one intent."""
+
+    def __init__(self, intent, participants, action, present, rolled_back,
+                 dry_run=False):
+        self.intent = intent
+        self.participants = participants  # names, from the intent
+        self.action = action
+        self.present = present            # names of those that had it
+        self.rolled_back = rolled_back    # names of those rolled back
+        self.dry_run = dry_run
+
+    def as_dict(self):
+        return {'tid': self.intent.tid.hex(), 'action': self.action,
+                'dry_run': self.dry_run,
+                'partitions': list(self.participants),
+                'present': list(self.present),
+                'rolled_back': list(self.rolled_back)}
+
+    def __str__(self):
+        action = self.action
+        if self.dry_run and action == ROLLED_BACK:
+            action = 'to be rolled back'
+        text = 'transaction %s over %s: %s' % (
+            self.intent.tid.hex(), ', '.join(self.participants), action)
+        if self.rolled_back:
+            text += ' in ' + ', '.join(self.rolled_back)
+        return text
+
+
+def recover(partitions, journal, dry_run=False):
+    """Resolve the journal's intent, if any; returns an :class:`Outcome`
+    or ``None``.  ``partitions`` maps prefix to partition."""
+    intent = journal.read()
+    if intent is None:
+        return None
+    parts = []
+    for prefix in intent.prefixes:
+        part = partitions.get(prefix)
+        if part is None:
+            raise RecoveryError(
+                'the journal %s names partition prefix %d for transaction '
+                '%s, which is not configured; configure that partition '
+                'again and reopen' % (journal.path, prefix, intent.tid.hex()))
+        parts.append(part)
+    present = [p for p in parts if has_transaction(p, intent.tid)]
+    if len(present) == len(parts):
+        action, rolled_back = COMPLETE, []
+    elif not present:
+        action, rolled_back = ABSENT, []
+    else:
+        action, rolled_back = ROLLED_BACK, [p.name for p in present]
+    outcome = Outcome(intent, [p.name for p in parts], action,
+                      [p.name for p in present], rolled_back, dry_run)
+    if dry_run:
+        return outcome
+    if action == ROLLED_BACK:
+        for part in present:
+            roll_back(part, intent.tid)
+            fault_point('rolled-back', part.name)
+    journal.clear_durably()
+    fault_point('recovered')
+    log = logger.warning if action == ROLLED_BACK else logger.info
+    log('recovered %s', outcome)
+    return outcome
+
+
+def has_transaction(part, tid):
+    """Whether ``part``'s child holds ``tid`` (as its last transaction)."""
+    child = part.base
+    if isinstance(child, FileStorage):
+        # Not lastTransaction(): a FileStorage that cut off a transaction
+        # it never finished still reports that one's tid.
+        last = _last_transaction(child)[1]
+    elif isinstance(child, MappingStorage):
+        last = (child._transactions.maxKey() if child._transactions
+                else z64)
+    else:
+        last = child.lastTransaction()
+    if last > tid:
+        raise RecoveryError(
+            'partition %r holds transaction %s, later than %s which the '
+            'journal says was being committed: something else wrote to its '
+            'child; restore it from a backup' % (
+                part.name, last.hex(), tid.hex()))
+    return last == tid
+
+
+def roll_back(part, tid):
+    """Remove transaction ``tid``, the last one, from ``part``'s child."""
+    child = part.base
+    if isinstance(child, FileStorage):
+        _truncate(child, tid)
+    elif isinstance(child, MappingStorage):
+        _drop_mapping_transaction(child, tid)
+    else:
+        raise RecoveryError(
+            'partition %r: cannot remove transaction %s from a %s child; '
+            'only FileStorage and MappingStorage children can be rolled back'
+            % (part.name, tid.hex(), type(child).__name__))
+    logger.warning('partition %r: removed unfinished transaction %s',
+                   part.name, tid.hex())
+
+
+def _last_transaction(fs):
+    """``(position, tid)`` of the last committed transaction of a
+    FileStorage; ``(None, z64)`` for an empty one."""
+    with fs._lock:
+        end = fs._pos
+        if end <= 4:
+            return None, z64
+        f = fs._file
+        f.seek(end - 8)
+        start = end - 8 - u64(f.read(8))
+        f.seek(start)
+        return start, TxnHeaderFromString(f.read(TRANS_HDR_LEN)).tid
+
+
+def _truncate(fs, tid):
+    with fs._lock:
+        start, last = _last_transaction(fs)
+        if last != tid:
+            raise RecoveryError(
+                'partition file %s: its last transaction is %s, not %s; '
+                'it cannot be rolled back' % (
+                    fs._file_name, last.hex(), tid.hex()))
+        blobs = _blob_files(fs, tid)
+        f = fs._file
+        f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
+        for path in blobs:
+            if os.path.exists(path):
+                os.remove(path)
+        fs._clear_index()
+        index, tindex = fs._newIndexes()
+        fs._initIndex(index, tindex)
+        fs._pos, fs._oid, last = read_index(
+            f, fs._file_name, index, tindex, read_only=False)
+        # As FileStorage does when it cuts off a transaction itself: later
+        # tids stay above the one taken back.
+        fs._ltid = max(last, tid)
+        fs._ts = TimeStamp(fs._ltid)
+        fs._save_index()
+
+
+def _blob_files(fs, tid):
+    """The blob files transaction ``tid`` (at ``start``) added."""
+    if not getattr(fs, 'blob_dir', None):
+        return []
+    paths = []
+    it = fs.iterator(tid, tid)
+    try:
+        for txn in it:
+            for record in txn:
+                path = fs.fshelper.getBlobFilename(record.oid, tid)
+                paths.append(path)
+    finally:
+        it.close()
+    return paths
+
+
+def _drop_mapping_transaction(storage, tid):
+    with storage._lock:
+        transactions = storage._transactions
+        if not transactions or transactions.maxKey() != tid:
+            raise RecoveryError(
+                'MappingStorage %s: its last transaction is not %s'
+                % (storage.getName(), tid.hex()))
+        for record in transactions[tid]:
+            revisions = storage._data.get(record.oid)
+            if revisions is not None and tid in revisions:
+                del revisions[tid]
+                if not revisions:
+                    del storage._data[record.oid]
+        del transactions[tid]       # _ltid stays: later tids stay above

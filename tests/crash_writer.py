@@ -1,0 +1,127 @@
+"""A writer process for the crash tests (run as a script, killed with -9).
+
+``python crash_writer.py DIR COUNT`` opens a composite of three FileStorage
+partitions (main, b and c) in DIR.  Each transaction adds 1 to a counter in
+each partition and, once ``tpc_finish`` has returned, prints ``done TID N``
+(flushed).  It prints ``ready`` after opening.
+
+``CRASH_AT=POINT:K`` kills the process with SIGKILL the K-th time the
+commit protocol or recovery passes POINT (see ``compositestorage.faults``).
+``FSYNC_LOG=FILE`` records, for every fsync, the file and its size then,
+so a test can cut each file back to what was durable (as a power loss
+would).  ``RAISE_IN_FINISH=NAME`` wraps partition NAME's child so that its
+``tpc_finish`` raises (after the real one when it ends in ``+``).
+"""
+import os
+import signal
+import sys
+
+import transaction
+import ZODB
+from persistent.mapping import PersistentMapping
+from ZODB.FileStorage import FileStorage
+
+from compositestorage import CompositeStorage
+from compositestorage import faults
+from compositestorage import placement
+
+PARTS = (('main', 0), ('b', 1), ('c', 2))
+
+
+def install_crash(spec):
+    name, _, count = spec.rpartition(':')
+    remaining = [int(count)]
+
+    def hook(point):
+        if point == name:
+            remaining[0] -= 1
+            if remaining[0] <= 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    faults.hook = hook
+
+
+def install_fsync_log(path):
+    # the module, not the class the package exports under the same name
+    fsmodule = sys.modules['ZODB.FileStorage.FileStorage']
+    log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    real = os.fsync
+
+    def fsync(fd):
+        real(fd)
+        name = os.readlink('/proc/self/fd/%d' % fd)
+        size = os.fstat(fd).st_size
+        os.write(log, ('%s\t%d\n' % (name, size)).encode())
+
+    os.fsync = fsync
+    fsmodule.fsync = fsync
+
+
+class RaisingInFinish:
+    """A child whose tpc_finish raises: a fault no real storage makes on
+    demand.  Everything else goes to the wrapped FileStorage."""
+
+    def __init__(self, storage, after, times=None):
+        self._storage = storage
+        self._after = after
+        self._times = times      # None: every time
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        if self._times is not None:
+            if self._times <= 0:
+                return self._storage.tpc_finish(transaction, func)
+            self._times -= 1
+        if self._after:
+            self._storage.tpc_finish(transaction, func)
+        raise OSError('injected failure in tpc_finish')
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)
+
+
+def open_composite(directory, raise_in=None):
+    children = []
+    for name, prefix in PARTS:
+        fs = FileStorage(os.path.join(directory, name + '.fs'))
+        if raise_in and raise_in.rstrip('+') == name:
+            fs = RaisingInFinish(fs, raise_in.endswith('+'))
+        children.append((name, prefix, fs))
+    return CompositeStorage(children)
+
+
+def ensure_counters(conn):
+    root = conn.root()
+    if 'counters' not in root:
+        counters = {}
+        for name, _ in PARTS:
+            with placement(conn, name):
+                counter = PersistentMapping(n=0)
+                conn.add(counter)
+            counters[name] = counter
+        root['counters'] = PersistentMapping(counters)
+        transaction.commit()
+    return root['counters']
+
+
+def main():
+    directory, count = sys.argv[1], int(sys.argv[2])
+    if os.environ.get('FSYNC_LOG'):
+        install_fsync_log(os.environ['FSYNC_LOG'])
+    if os.environ.get('CRASH_AT'):
+        install_crash(os.environ['CRASH_AT'])
+    storage = open_composite(directory, os.environ.get('RAISE_IN_FINISH'))
+    db = ZODB.DB(storage)
+    conn = db.open()
+    counters = ensure_counters(conn)
+    print('ready', flush=True)
+    for _ in range(count):
+        for name, _ in PARTS:
+            counters[name]['n'] += 1
+        transaction.commit()
+        print('done %s %d' % (storage.lastTransaction().hex(),
+                              counters['main']['n']), flush=True)
+    db.close()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,358 @@
+"""Crash-atomic commits across partitions (DESIGN.md, invariant 6).
+
+A writer process (``crash_writer.py``) adds 1 to a counter in each of three
+FileStorage partitions per transaction and reports each tid once its
+``tpc_finish`` has returned.  It is killed with SIGKILL at every named point
+of the commit protocol and of recovery, and at random instants.  After each
+kill the composite is reopened (which recovers) and must hold every
+transaction in all three partitions or in none, with equal counters, and
+every acknowledged transaction.
+"""
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import transaction
+import ZODB
+from ZODB.FileStorage import FileStorage
+from ZODB.MappingStorage import MappingStorage
+
+from compositestorage import CompositeStorage
+from compositestorage.errors import WriterLockedError
+from compositestorage.journal import Intent
+from compositestorage.journal import Journal
+from conftest import composite_xml
+from conftest import partition_xml
+from crash_writer import PARTS
+from crash_writer import RaisingInFinish
+
+WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      'crash_writer.py')
+NAMES = [name for name, _ in PARTS]
+#: Every point of the protocol a three-partition commit passes, in order.
+COMMIT_POINTS = (
+    [p % name for name in NAMES for p in ('vote:%s', 'voted:%s')]
+    + ['intent-written']
+    + ['finished:%s' % name for name in NAMES]
+    + ['journal-cleared'])
+
+
+def run_writer(directory, count, env=None, kill_after=None):
+    """Run the writer; returns ``(exit code, [(tid, n) acknowledged])``.
+
+    ``kill_after`` seconds after it is ready, it is killed with SIGKILL.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, WRITER, str(directory), str(count)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, **(env or {})))
+    acknowledged = []
+    if kill_after is not None:
+        line = proc.stdout.readline()
+        if line.strip() == 'ready':
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    for line in out.splitlines():
+        if line.startswith('done '):
+            _, tid, n = line.split()
+            acknowledged.append((bytes.fromhex(tid), int(n)))
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError('writer failed (%s): %s' % (proc.returncode,
+                                                         err))
+    return proc.returncode, acknowledged
+
+
+def child_tids(directory, name):
+    fs = FileStorage(os.path.join(str(directory), name + '.fs'),
+                     read_only=True)
+    try:
+        return [t.tid for t in fs.iterator()]
+    finally:
+        fs.close()
+
+
+def check_invariant(directory, acknowledged):
+    """Reopen (and so recover), then check all-or-nothing and durability.
+
+    Returns what recovery did (``None`` when it found nothing to do).
+    """
+    from crash_writer import open_composite
+    storage = open_composite(str(directory))
+    try:
+        outcome = storage.recovered
+        db = ZODB.DB(storage)
+        conn = db.open()
+        counters = conn.root()['counters']
+        values = {name: counters[name]['n'] for name in NAMES}
+        db.close()
+    finally:
+        storage.close()
+    assert len(set(values.values())) == 1, values
+    if acknowledged:
+        assert values['main'] >= acknowledged[-1][1]
+    tids = {name: child_tids(directory, name) for name in NAMES}
+    assert tids['main'] == tids['b'] == tids['c']
+    for tid, _ in acknowledged:
+        assert tid in tids['main']
+    assert Journal(os.path.join(str(directory), 'main.fs.journal')
+                   ).read() is None
+    return outcome
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    """A directory whose composite holds the three counters."""
+    code, acked = run_writer(tmp_path, 2)
+    assert code == 0 and [n for _, n in acked] == [1, 2]
+    return tmp_path
+
+
+@pytest.mark.parametrize('point', COMMIT_POINTS)
+def test_kill_at_every_point_of_the_protocol(seeded, point):
+    code, acked = run_writer(seeded, 10, {'CRASH_AT': point + ':3'})
+    assert code == -signal.SIGKILL
+    assert len(acked) == 2                  # the third commit was cut
+    outcome = check_invariant(seeded, acked)
+    if point in ('finished:main', 'finished:b'):
+        # finished in some partitions, not in all: taken back
+        assert outcome.action == 'rolled back'
+        assert outcome.rolled_back == NAMES[:NAMES.index(point[9:]) + 1]
+    elif point in ('intent-written',):
+        assert outcome.action == 'absent'
+    elif point == 'finished:c':
+        assert outcome.action == 'complete'     # finished everywhere
+    else:
+        assert outcome is None                  # no intent was left
+    # a second open finds nothing to do
+    assert check_invariant(seeded, acked) is None
+
+
+@pytest.mark.parametrize('point', ['rolled-back:main', 'rolled-back:b',
+                                   'recovered'])
+def test_kill_during_recovery(seeded, point):
+    code, acked = run_writer(seeded, 10, {'CRASH_AT': 'finished:b:3'})
+    assert code == -signal.SIGKILL
+    # recovery itself is killed (the writer recovers when it opens)
+    code, _ = run_writer(seeded, 1, {'CRASH_AT': point + ':1'})
+    assert code == -signal.SIGKILL
+    outcome = check_invariant(seeded, acked)
+    if point == 'recovered':
+        assert outcome is None      # the journal was cleared before
+    else:
+        assert outcome.action in ('rolled back', 'absent')
+
+
+def test_random_kills(seeded):
+    """Kills at random instants, bounded in count and time."""
+    rng = random.Random(int(os.environ.get('CRASH_SEED', '4321')))
+    acked_all = []
+    deadline = time.time() + 120
+    kills = 0
+    while kills < 30 and time.time() < deadline:
+        code, acked = run_writer(seeded, 10 ** 6,
+                                 kill_after=rng.uniform(0.0, 0.25))
+        assert code == -signal.SIGKILL
+        kills += 1
+        acked_all.extend(acked)
+        check_invariant(seeded, acked_all)
+    assert kills >= 10
+
+
+def _power_loss(directory, log_path, baseline):
+    """Cut every file back to its last fsync, as a power loss would: the
+    operating system's cache is gone, what was fsynced stays."""
+    durable = dict(baseline)
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                path, size = line.rstrip('\n').split('\t')
+                durable[path] = int(size)
+        os.remove(log_path)
+    for name in os.listdir(str(directory)):
+        path = os.path.join(str(directory), name)
+        if name.endswith(('.fs', '.journal')):
+            size = durable.get(os.path.realpath(path), 0)
+            if os.path.getsize(path) > size:
+                with open(path, 'r+b') as f:
+                    f.truncate(size)
+        elif name.endswith(('.index', '.tmp')):
+            os.remove(path)     # never fsynced: lost, and rebuilt
+
+
+def test_lost_unsynced_writes(seeded):
+    """``kill -9`` keeps the page cache; this drops what was not fsynced."""
+    log_path = str(seeded / 'fsync.log')
+    rng = random.Random(99)
+    acked_all = []
+    crash_points = ['intent-written:2', 'finished:main:2',
+                    'finished:c:2', 'journal-cleared:2']
+    for i in range(8):
+        baseline = {os.path.realpath(str(seeded / n)):
+                    os.path.getsize(str(seeded / n))
+                    for n in os.listdir(str(seeded))
+                    if n.endswith(('.fs', '.journal'))}
+        env = {'FSYNC_LOG': log_path}
+        if i < len(crash_points):
+            env['CRASH_AT'] = crash_points[i]
+            code, acked = run_writer(seeded, 10, env)
+        else:
+            code, acked = run_writer(seeded, 10 ** 6, env,
+                                     kill_after=rng.uniform(0.05, 0.2))
+        assert code == -signal.SIGKILL
+        _power_loss(seeded, log_path, baseline)
+        acked_all.extend(acked)
+        check_invariant(seeded, acked_all)
+
+
+# --- in one process ------------------------------------------------------------
+
+def _open(directory, raise_in=None, times=1):
+    from crash_writer import open_composite
+    storage = open_composite(str(directory))
+    if raise_in:
+        part = storage.partition_named(raise_in.rstrip('+'))
+        part.storage = RaisingInFinish(part.storage, raise_in.endswith('+'),
+                                       times)
+    return storage
+
+
+@pytest.mark.parametrize('raise_in', ['main', 'b', 'c', 'b+', 'c+'])
+def test_a_child_raising_in_tpc_finish(seeded, raise_in):
+    storage = _open(seeded, raise_in)
+    db = ZODB.DB(storage)
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        counters = conn.root()['counters']
+        before = storage.lastTransaction()
+        for name in NAMES:
+            counters[name]['n'] += 1
+        with pytest.raises(OSError, match='injected'):
+            tm.commit()
+        tm.abort()
+        # nothing of it is visible, and nothing of it stayed in a child
+        assert storage.lastTransaction() == before
+        for part in storage.partitions:
+            assert max(t.tid for t in part.base.iterator()) <= before
+        tm2 = transaction.TransactionManager()
+        conn2 = db.open(tm2)
+        assert {conn2.root()['counters'][n]['n'] for n in NAMES} == {2}
+        # and the next commit works
+        for name in NAMES:
+            conn2.root()['counters'][name]['n'] += 1
+        tm2.commit()
+        assert storage.lastTransaction() > before
+    finally:
+        db.close()
+    assert check_invariant(seeded, []) is None
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    journal = str(tmp_path / 'shared.journal')
+    first = CompositeStorage([('main', 0, MappingStorage()),
+                              ('b', 1, MappingStorage())], journal=journal)
+    try:
+        with pytest.raises(WriterLockedError) as exc:
+            CompositeStorage([('main', 0, MappingStorage()),
+                              ('b', 1, MappingStorage())], journal=journal)
+        assert journal + '.lock' in str(exc.value)
+        assert 'read-only' in str(exc.value)
+    finally:
+        first.close()
+    # the lock goes with the writer
+    CompositeStorage([('main', 0, MappingStorage()),
+                      ('b', 1, MappingStorage())], journal=journal).close()
+
+
+def test_a_read_only_composite_beside_the_writer(seeded):
+    writer = _open(seeded)
+    try:
+        children = [(name, prefix,
+                     FileStorage(str(seeded / (name + '.fs')),
+                                 read_only=True))
+                    for name, prefix in PARTS]
+        reader = CompositeStorage(children, read_only=True)
+        try:
+            db = ZODB.DB(reader)
+            counters = db.open().root()['counters']
+            assert {counters[n]['n'] for n in NAMES} == {2}
+            db.close()
+        finally:
+            reader.close()
+    finally:
+        writer.close()
+
+
+def test_a_read_only_composite_hides_an_unfinished_transaction(seeded):
+    code, acked = run_writer(seeded, 10, {'CRASH_AT': 'finished:main:3'})
+    assert code == -signal.SIGKILL
+    journal = Journal(str(seeded / 'main.fs.journal'))
+    intent = journal.read()
+    assert isinstance(intent, Intent) and intent.prefixes == (0, 1, 2)
+    children = [(name, prefix, FileStorage(str(seeded / (name + '.fs')),
+                                           read_only=True))
+                for name, prefix in PARTS]
+    reader = CompositeStorage(children, read_only=True)
+    try:
+        assert reader.lastTransaction() < intent.tid
+        db = ZODB.DB(reader)
+        counters = db.open().root()['counters']
+        # main holds the unfinished transaction; the reader does not see it
+        assert {counters[n]['n'] for n in NAMES} == {acked[-1][1]}
+        db.close()
+    finally:
+        reader.close()
+    assert journal.read() == intent         # a reader recovers nothing
+    assert check_invariant(seeded, acked).action == 'rolled back'
+
+
+def test_recovery_logs_what_it_did(seeded, caplog):
+    code, acked = run_writer(seeded, 10, {'CRASH_AT': 'finished:b:3'})
+    assert code == -signal.SIGKILL
+    intent = Journal(str(seeded / 'main.fs.journal')).read()
+    with caplog.at_level(logging.INFO, logger='compositestorage'):
+        storage = _open(seeded)
+        storage.close()
+    text = caplog.text
+    assert intent.tid.hex() in text
+    assert 'rolled back in main, b' in text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger='compositestorage'):
+        assert _open(seeded).recovered is None
+    assert 'recovered' not in caplog.text
+
+
+def test_recover_command(seeded):
+    code, acked = run_writer(seeded, 10, {'CRASH_AT': 'finished:main:3'})
+    assert code == -signal.SIGKILL
+    config = seeded / 'composite.conf'
+    config.write_text(composite_xml(
+        [partition_xml(name, prefix, str(seeded / (name + '.fs')))
+         for name, prefix in PARTS]))
+    intent = Journal(str(seeded / 'main.fs.journal')).read()
+
+    def recover(*args):
+        proc = subprocess.run(
+            [sys.executable, '-m', 'compositestorage', 'recover',
+             str(config)] + list(args),
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = recover('--dry-run')
+    assert intent.tid.hex() in out and 'to be rolled back in main' in out
+    assert 'dry run' in out
+    assert Journal(str(seeded / 'main.fs.journal')).read() == intent
+    out = recover()
+    assert 'rolled back in main' in out and 'dry run' not in out
+    assert 'nothing to recover' in recover()
+    import json
+    report = json.loads(recover('--json'))
+    assert report['outcome'] is None
+    check_invariant(seeded, acked)
