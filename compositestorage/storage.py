@@ -151,6 +151,8 @@ class CompositeStorage(blobs.BlobMethods):
         self.advance_visible(self._ltid)
 
     def _release_writer_lock(self):
+        if self.journal is not None:
+            self.journal.close()
         if self._writer_lock is not None:
             self._writer_lock.close()
             self._writer_lock = None

@@ -7,9 +7,9 @@ each partition and, once ``tpc_finish`` has returned, prints ``done TID N``
 
 ``CRASH_AT=POINT:K`` kills the process with SIGKILL the K-th time the
 commit protocol or recovery passes POINT (see ``compositestorage.faults``).
-``FSYNC_LOG=FILE`` records, for every fsync, the file and its size then,
-so a test can cut each file back to what was durable (as a power loss
-would).  ``RAISE_IN_FINISH=NAME`` wraps partition NAME's child so that its
+``FSYNC_LOG=FILE`` records, for every fsync, the file, its size then and
+(for small files, rewritten in place) its content, so a test can put each
+file back to what was durable (as a power loss would).  ``RAISE_IN_FINISH=NAME`` wraps partition NAME's child so that its
 ``tpc_finish`` raises (after the real one when it ends in ``+``).
 """
 import os
@@ -45,16 +45,18 @@ def install_fsync_log(path):
     # the module, not the class the package exports under the same name
     fsmodule = sys.modules['ZODB.FileStorage.FileStorage']
     log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    real = os.fsync
+    def recording(real):
+        def sync(fd):
+            real(fd)
+            name = os.readlink('/proc/self/fd/%d' % fd)
+            size = os.fstat(fd).st_size
+            # small files are rewritten in place: keep what was synced
+            content = os.pread(fd, size, 0).hex() if size <= 4096 else ''
+            os.write(log, ('%s\t%d\t%s\n' % (name, size, content)).encode())
+        return sync
 
-    def fsync(fd):
-        real(fd)
-        name = os.readlink('/proc/self/fd/%d' % fd)
-        size = os.fstat(fd).st_size
-        os.write(log, ('%s\t%d\n' % (name, size)).encode())
-
-    os.fsync = fsync
-    fsmodule.fsync = fsync
+    os.fsync = fsmodule.fsync = recording(os.fsync)
+    os.fdatasync = recording(os.fdatasync)
 
 
 class RaisingInFinish:

@@ -120,15 +120,15 @@ def test_kill_at_every_point_of_the_protocol(seeded, point):
     assert len(acked) == 2                  # the third commit was cut
     outcome = check_invariant(seeded, acked)
     if point in ('finished:main', 'finished:b'):
-        # finished in some partitions, not in all: taken back
+        # finished in some partitions, not in all: taken back from those
         assert outcome.action == 'rolled back'
         assert outcome.rolled_back == NAMES[:NAMES.index(point[9:]) + 1]
-    elif point in ('intent-written',):
-        assert outcome.action == 'absent'
     elif point == 'finished:c':
         assert outcome.action == 'complete'     # finished everywhere
+    elif point == 'intent-written':
+        assert outcome.action == 'absent'       # finished nowhere
     else:
-        assert outcome is None                  # no intent was left
+        assert outcome is None                  # no intent left behind
     # a second open finds nothing to do
     assert check_invariant(seeded, acked) is None
 
@@ -136,7 +136,8 @@ def test_kill_at_every_point_of_the_protocol(seeded, point):
 @pytest.mark.parametrize('point', ['rolled-back:main', 'rolled-back:b',
                                    'recovered'])
 def test_kill_during_recovery(seeded, point):
-    code, acked = run_writer(seeded, 10, {'CRASH_AT': 'finished:b:3'})
+    code, acked = run_writer(seeded, 10,
+                             {'CRASH_AT': 'finished:b:3'})
     assert code == -signal.SIGKILL
     # recovery itself is killed (the writer recovers when it opens)
     code, _ = run_writer(seeded, 1, {'CRASH_AT': point + ':1'})
@@ -164,23 +165,38 @@ def test_random_kills(seeded):
     assert kills >= 10
 
 
+def _durable_state(directory):
+    """``{path: (size, content)}`` of the files a power loss may cut."""
+    state = {}
+    for name in os.listdir(str(directory)):
+        path = os.path.realpath(os.path.join(str(directory), name))
+        if name.endswith('.fs'):
+            state[path] = (os.path.getsize(path), None)
+        elif name.endswith('.journal'):
+            with open(path, 'rb') as f:
+                state[path] = (os.path.getsize(path), f.read())
+    return state
+
+
 def _power_loss(directory, log_path, baseline):
-    """Cut every file back to its last fsync, as a power loss would: the
-    operating system's cache is gone, what was fsynced stays."""
+    """Put every file back to what its last fsync made durable, as a power
+    loss would: the operating system's cache is gone."""
     durable = dict(baseline)
     if os.path.exists(log_path):
         with open(log_path) as f:
             for line in f:
-                path, size = line.rstrip('\n').split('\t')
-                durable[path] = int(size)
+                path, size, content = line.rstrip('\n').split('\t')
+                durable[path] = (int(size), bytes.fromhex(content)
+                                 if content else None)
         os.remove(log_path)
     for name in os.listdir(str(directory)):
         path = os.path.join(str(directory), name)
         if name.endswith(('.fs', '.journal')):
-            size = durable.get(os.path.realpath(path), 0)
-            if os.path.getsize(path) > size:
-                with open(path, 'r+b') as f:
-                    f.truncate(size)
+            size, content = durable.get(os.path.realpath(path), (0, b''))
+            with open(path, 'r+b') as f:
+                if content is not None:
+                    f.write(content)
+                f.truncate(size)
         elif name.endswith(('.index', '.tmp')):
             os.remove(path)     # never fsynced: lost, and rebuilt
 
@@ -193,10 +209,7 @@ def test_lost_unsynced_writes(seeded):
     crash_points = ['intent-written:2', 'finished:main:2',
                     'finished:c:2', 'journal-cleared:2']
     for i in range(8):
-        baseline = {os.path.realpath(str(seeded / n)):
-                    os.path.getsize(str(seeded / n))
-                    for n in os.listdir(str(seeded))
-                    if n.endswith(('.fs', '.journal'))}
+        baseline = _durable_state(seeded)
         env = {'FSYNC_LOG': log_path}
         if i < len(crash_points):
             env['CRASH_AT'] = crash_points[i]
@@ -290,7 +303,8 @@ def test_a_read_only_composite_beside_the_writer(seeded):
 
 
 def test_a_read_only_composite_hides_an_unfinished_transaction(seeded):
-    code, acked = run_writer(seeded, 10, {'CRASH_AT': 'finished:main:3'})
+    code, acked = run_writer(seeded, 10,
+                             {'CRASH_AT': 'finished:main:3'})
     assert code == -signal.SIGKILL
     journal = Journal(str(seeded / 'main.fs.journal'))
     intent = journal.read()
@@ -320,7 +334,7 @@ def test_recovery_logs_what_it_did(seeded, caplog):
         storage = _open(seeded)
         storage.close()
     text = caplog.text
-    assert intent.tid.hex() in text
+    assert intent.tid.hex() in text and 'over main, b, c' in text
     assert 'rolled back in main, b' in text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger='compositestorage'):
@@ -329,7 +343,8 @@ def test_recovery_logs_what_it_did(seeded, caplog):
 
 
 def test_recover_command(seeded):
-    code, acked = run_writer(seeded, 10, {'CRASH_AT': 'finished:main:3'})
+    code, acked = run_writer(seeded, 10,
+                             {'CRASH_AT': 'finished:main:3'})
     assert code == -signal.SIGKILL
     config = seeded / 'composite.conf'
     config.write_text(composite_xml(
