@@ -265,7 +265,7 @@ class Coordinator:
             self._remove_partial(state, parts, finished, journal)
             raise error
         if journal is not None:
-            journal.clear()
+            journal.clear(state.tid)
             fault_point('journal-cleared')
         for part, oid, klass in state.new_stubs:
             part.stubs[oid] = klass

@@ -4,9 +4,13 @@ Everything that can be checked before a child is opened is checked first,
 so a bad config never opens, locks or creates a file.
 """
 import os
+import time
 
 from ZODB.config import BaseConfig
 
+from compositestorage.errors import CompositeStorageError
+from compositestorage.faults import point as fault_point
+from compositestorage.journal import Journal
 from compositestorage.partition import check_layout
 from compositestorage.partition import Partition
 from compositestorage.storage import CompositeStorage
@@ -35,20 +39,67 @@ class CompositeStorageConfig(BaseConfig):
                 if child is not None and hasattr(child, 'blob_dir') \
                         and not child.blob_dir:
                     child.blob_dir = c.blob_dir
-        opened = []
+        path = journal_path(c.journal, sections)
+        journal = Journal(path) if path else None
+        for attempt in range(READ_ONLY_ATTEMPTS):
+            before = journal.snapshot() if journal else None
+            opened = open_children(sections)
+            if not c.read_only or journal is None \
+                    or journal.snapshot() == before:
+                break
+            # The writer began or finished a transaction over several
+            # partitions while the children were opened one by one: some
+            # may show it and others not.  Open them again.
+            close_all(opened)
+            time.sleep(0.01 * (attempt + 1))
+        else:
+            raise CompositeStorageError(
+                'the writer committed across partitions each of the %d '
+                'times this read-only composite opened its children; '
+                'try again when it is less busy' % READ_ONLY_ATTEMPTS)
         try:
-            for s in sections:
-                opened.append(Partition(s.name, s.prefix, s.storage.open(),
-                                        read_only=s.read_only))
             return CompositeStorage(
                 opened, name=c.name, placement=c.placement,
                 default_partition=c.default_partition,
                 read_only=c.read_only, pack_gc=c.pack_gc,
-                journal=c.journal)
+                journal=path)
         except BaseException:
-            for p in opened:
-                p.storage.close()
+            close_all(opened)
             raise
+
+
+#: How often a read-only composite opens its children before giving up on
+#: a writer that keeps committing across partitions meanwhile.
+READ_ONLY_ATTEMPTS = 20
+
+
+def open_children(sections):
+    opened = []
+    try:
+        for s in sections:
+            opened.append(Partition(s.name, s.prefix, s.storage.open(),
+                                    read_only=s.read_only))
+            fault_point('opened-child', s.name)
+    except BaseException:
+        close_all(opened)
+        raise
+    return opened
+
+
+def close_all(partitions):
+    for p in partitions:
+        p.storage.close()
+
+
+def journal_path(configured, sections):
+    """The configured journal, or the one beside the primary's file."""
+    if configured:
+        return configured
+    for s in sections:
+        path = getattr(getattr(s.storage, 'config', None), 'path', None)
+        if s.prefix == 0 and path:
+            return path + '.journal'
+    return None
 
 
 def check_sections(sections, default_partition=None):

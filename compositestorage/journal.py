@@ -26,6 +26,10 @@ from compositestorage.errors import WriterLockedError
 
 MAGIC = b'CSJ1'
 _HEAD = struct.Struct('>4s8sB')
+#: Where the tid of the last transaction over several partitions that
+#: finished everywhere is kept (written when the intent is cleared).
+FINISHED_AT = 256
+FINISHED_MAGIC = b'CSJF'
 
 
 class Intent:
@@ -107,9 +111,26 @@ class Journal:
         os.pwrite(fd, encode(intent), 0)
         os.fdatasync(fd)
 
-    def clear(self):
-        """Forget the intent.  Not synced: see the module docstring."""
-        os.pwrite(self._open(), b'\0' * len(MAGIC), 0)
+    def clear(self, finished=None):
+        """Forget the intent, and note ``finished`` as the last transaction
+        over several partitions that every participant finished.  Not
+        synced: see the module docstring."""
+        fd = self._open()
+        os.pwrite(fd, b'\0' * len(MAGIC), 0)
+        if finished is not None:
+            record = FINISHED_MAGIC + finished
+            os.pwrite(fd, record + struct.pack('>I', zlib.crc32(record)),
+                      FINISHED_AT)
+
+    def snapshot(self):
+        """The journal's bytes: a reader compares two snapshots to learn
+        whether a transaction over several partitions began or finished in
+        between."""
+        try:
+            with open(self.path, 'rb') as f:
+                return f.read(SLOT)
+        except FileNotFoundError:
+            return b''
 
     def clear_durably(self):
         """Forget the intent for good (recovery, before it reports done)."""

@@ -371,3 +371,147 @@ def test_recover_command(seeded):
     report = json.loads(recover('--json'))
     assert report['outcome'] is None
     check_invariant(seeded, acked)
+
+
+def test_a_read_only_composite_reopens_children_across_a_commit(seeded):
+    """The children of a read-only composite are opened one by one; a
+    writer that commits across partitions in between would show in some of
+    them and not in others.  The journal changed, so they are opened
+    again."""
+    import ZODB.config
+    from compositestorage import faults
+    writer = _open(seeded)
+    wdb = ZODB.DB(writer)
+    tm = transaction.TransactionManager()
+    counters = wdb.open(tm).root()['counters']
+    commits = []
+
+    def hook(point):
+        if point == 'opened-child:main' and len(commits) < 2:
+            for name in NAMES:
+                counters[name]['n'] += 1
+            tm.commit()
+            commits.append(point)
+
+    config = '%import compositestorage\n<compositestorage>\n' \
+        '  read-only true\n' + ''.join(
+            '  <partition %s>\n    prefix %d\n    <filestorage>\n'
+            '      path %s\n      read-only true\n    </filestorage>\n'
+            '  </partition>\n' % (name, prefix, seeded / (name + '.fs'))
+            for name, prefix in PARTS) + '</compositestorage>\n'
+    faults.hook = hook
+    try:
+        reader = ZODB.config.storageFromString(config)
+    finally:
+        faults.hook = None
+    try:
+        assert len(commits) == 2        # two openings were spoiled
+        db = ZODB.DB(reader)
+        seen = db.open().root()['counters']
+        assert {seen[name]['n'] for name in NAMES} == {4}
+        db.close()
+    finally:
+        reader.close()
+        wdb.close()
+
+
+# --- every kind of transaction is taken back whole ------------------------------
+
+def _two_partitions(tmp_path):
+    blobs = str(tmp_path / 'blobs')
+    return CompositeStorage([
+        ('main', 0, FileStorage(str(tmp_path / 'main.fs'), blob_dir=blobs)),
+        ('b', 1, FileStorage(str(tmp_path / 'b.fs'), blob_dir=blobs))])
+
+
+def _blob_files(directory):
+    found = set()
+    for dirpath, _, files in os.walk(str(directory)):
+        found.update(os.path.join(dirpath, f) for f in files
+                     if f.endswith('.blob'))
+    return found
+
+
+@pytest.mark.parametrize('after', [False, True])
+@pytest.mark.parametrize('kind', ['store', 'blob', 'undo', 'delete',
+                                  'restore'])
+def test_every_kind_of_transaction_is_taken_back(tmp_path, kind, after):
+    """b fails in tpc_finish (before or after really finishing) while main
+    has finished: the transaction leaves no trace in either."""
+    from ZODB.blob import Blob
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import p64
+    from ZODB.utils import u64
+    from compositestorage import placement
+    from persistent.mapping import PersistentMapping
+    storage = _two_partitions(tmp_path)
+    db = ZODB.DB(storage)
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        root = conn.root()
+        with placement(conn, 'b'):
+            y = PersistentMapping(v=1)
+            conn.add(y)
+        root['x'] = x = PersistentMapping(v=1, y=y)
+        tm.get().note('first')
+        tm.commit()
+        first = storage.lastTransaction()
+        blobs_before = _blob_files(tmp_path / 'blobs')
+        x_oid, y_oid = x._p_oid, y._p_oid
+        part_b = storage.partition_named('b')
+        part_b.storage = RaisingInFinish(part_b.storage, after, times=1)
+        calls = []
+
+        def attempt():
+            if kind == 'store':
+                x['v'] += 1
+                y['v'] += 1
+                tm.commit()
+            elif kind == 'blob':
+                for obj in (x, y):
+                    obj['blob'] = blob = Blob()
+                    with blob.open('w') as f:
+                        f.write(b'data of %r' % obj._p_oid)
+                tm.commit()
+            elif kind == 'undo':
+                db.undo(db.undoLog(0, 1)[0]['id'], tm.get())
+                tm.commit()
+            else:
+                txn = TransactionMetaData()
+                if kind == 'delete':
+                    storage.tpc_begin(txn)
+                    for oid in (x_oid, y_oid):
+                        storage.deleteObject(oid, storage.getTid(oid), txn)
+                else:
+                    calls.append(kind)
+                    tid = p64(u64(first) + len(calls))
+                    storage.tpc_begin(txn, tid)
+                    for oid in (x_oid, y_oid):
+                        storage.restore(oid, tid, storage.load(oid)[0], '',
+                                        None, txn)
+                storage.tpc_vote(txn)
+                try:
+                    storage.tpc_finish(txn)
+                except BaseException:
+                    storage.tpc_abort(txn)
+                    raise
+
+        with pytest.raises(OSError, match='injected'):
+            attempt()
+        tm.abort()
+        assert storage.lastTransaction() == first
+        for part in storage.partitions:
+            assert max(t.tid for t in part.base.iterator()) == first
+        assert _blob_files(tmp_path / 'blobs') == blobs_before
+        assert storage.load(x_oid)[1] == storage.load(y_oid)[1] == first
+        assert storage.journal.read() is None
+        # the fault was one-off: the same transaction now commits whole
+        tm.begin()
+        attempt()
+        assert storage.lastTransaction() > first
+        for part in storage.partitions:
+            assert max(t.tid for t in part.base.iterator()) == \
+                storage.lastTransaction()
+    finally:
+        db.close()
