@@ -34,6 +34,8 @@ from crash_writer import RaisingInFinish
 WRITER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       'crash_writer.py')
 NAMES = [name for name, _ in PARTS]
+#: Kills at random instants in the test suite (tests/soak.py does more).
+RANDOM_KILLS = 50
 #: Every point of the protocol a three-partition commit passes, in order.
 COMMIT_POINTS = (
     [p % name for name in NAMES for p in ('vote:%s', 'voted:%s')]
@@ -153,9 +155,9 @@ def test_random_kills(seeded):
     """Kills at random instants, bounded in count and time."""
     rng = random.Random(int(os.environ.get('CRASH_SEED', '4321')))
     acked_all = []
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     kills = 0
-    while kills < 30 and time.time() < deadline:
+    while kills < RANDOM_KILLS and time.time() < deadline:
         code, acked = run_writer(seeded, 10 ** 6,
                                  kill_after=rng.uniform(0.0, 0.25))
         assert code == -signal.SIGKILL
@@ -515,3 +517,60 @@ def test_every_kind_of_transaction_is_taken_back(tmp_path, kind, after):
                 storage.lastTransaction()
     finally:
         db.close()
+
+
+def test_a_transaction_that_cannot_be_taken_back_refuses_writes(tmp_path):
+    """A child that raises in tpc_finish after really finishing, and that
+    the composite cannot cut back (not a FileStorage it knows): writes are
+    refused, saying why, until a reopen recovers from the journal."""
+    from compositestorage.errors import WritesRefusedError
+    from persistent.mapping import PersistentMapping
+    from compositestorage import placement
+
+    def open_storage(wrap):
+        main = FileStorage(str(tmp_path / 'main.fs'))
+        b = FileStorage(str(tmp_path / 'b.fs'))
+        if wrap:
+            # a child type the composite cannot cut back
+            b = RaisingInFinish(b, after=True)
+        return CompositeStorage([('main', 0, main), ('b', 1, b)])
+
+    db = ZODB.DB(open_storage(False))
+    with db.transaction() as conn:
+        with placement(conn, 'b'):
+            conn.root()['y'] = y = PersistentMapping(v=1)
+            conn.add(y)
+        conn.root()['x'] = PersistentMapping(v=1)
+    db.close()
+
+    storage = open_storage(True)
+    db = ZODB.DB(storage)
+    try:
+        before = storage.lastTransaction()
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        root['x']['v'] = root['y']['v'] = 2
+        with pytest.raises(OSError, match='injected'):
+            tm.commit()
+        tm.abort()
+        assert storage.lastTransaction() == before
+        tm.begin()
+        root['x']['v'] = 3
+        with pytest.raises(WritesRefusedError) as exc:
+            tm.commit()
+        tm.abort()
+        assert "partition(s) b" in str(exc.value)
+        assert 'reopen' in str(exc.value)
+    finally:
+        db.close()
+    storage = open_storage(False)
+    try:
+        # main was taken back at once; the reopen takes back b
+        assert storage.recovered.action == 'rolled back'
+        assert storage.recovered.rolled_back == ['b']
+        db = ZODB.DB(storage)
+        root = db.open().root()
+        assert (root['x']['v'], root['y']['v']) == (1, 1)
+        db.close()
+    finally:
+        storage.close()
