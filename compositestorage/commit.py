@@ -323,9 +323,11 @@ class Coordinator:
         if failed:
             self._storage.refuse_writes(
                 'transaction %s failed to finish and could not be taken '
-                'back from partition(s) %s; reopen the storage (or run '
-                '"compositestorage recover") to recover it from the journal'
-                % (state.tid.hex(), ', '.join(failed)))
+                'back from partition(s) %s; %s' % (
+                    state.tid.hex(), ', '.join(failed),
+                    'reopen the storage (or run "compositestorage recover")'
+                    ' to recover it from the journal' if journal is not None
+                    else 'reopen the storage'))
         elif journal is not None:
             journal.clear_durably()
         self.tid_floor = state.tid
