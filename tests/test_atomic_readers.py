@@ -189,3 +189,59 @@ def test_snapshot_started_inside_the_finish_window(tmp_path):
     rtm.begin()
     assert (rroot['x']['v'], rroot['b']['v']) == (1, 1)
     db.close()
+
+
+def test_zeo_clients_never_see_half_a_transaction(tmp_path):
+    """Through ZEO: one client commits across two partitions while another
+    keeps starting new transactions and reading both halves."""
+    import transaction
+    import ZEO
+    from conftest import composite_xml
+    from conftest import main_and_catalog
+    conf = composite_xml(main_and_catalog(tmp_path),
+                         'placement round-robin', section_name='1')
+    addr, stop = ZEO.server(storage_conf=conf)
+    try:
+        writer_db = ZEO.DB(addr)
+        reader_db = ZEO.DB(addr)
+        try:
+            tm = transaction.TransactionManager()
+            conn = writer_db.open(tm)
+            root = conn.root()
+            # the server places new objects round-robin: one in each
+            root['a'] = a = PersistentMapping(n=0)
+            root['b'] = b = PersistentMapping(n=0)
+            tm.commit()
+            assert {a._p_oid[0], b._p_oid[0]} == {0, 1}
+            done = threading.Event()
+            seen = []
+
+            def read():
+                rtm = transaction.TransactionManager()
+                rconn = reader_db.open(rtm)
+                while not done.is_set():
+                    rtm.begin()
+                    rroot = rconn.root()
+                    seen.append((rroot['a']['n'], rroot['b']['n']))
+                    rtm.abort()
+                rconn.close()
+
+            thread = threading.Thread(target=read)
+            thread.start()
+            try:
+                for _ in range(COMMITS // 2):
+                    a['n'] += 1
+                    b['n'] += 1
+                    tm.commit()
+            finally:
+                done.set()
+                thread.join(60)
+            assert len(seen) > 10
+            assert all(x == y for x, y in seen), [
+                s for s in seen if s[0] != s[1]][:5]
+            assert len(set(seen)) > 1          # the reader did see commits
+        finally:
+            writer_db.close()
+            reader_db.close()
+    finally:
+        stop()
