@@ -102,23 +102,8 @@ def new_tm():
 
 def iter_current(storage):
     """Yield ``(oid, tid, data)`` of every current record of ``storage``."""
-    from ZODB.utils import p64, u64
-    token = None
-    while True:
-        try:
-            oid, tid, data, token = storage.record_iternext(token)
-        except ValueError:      # empty storage, or no key at/after token
-            return
-        except POSKeyError as e:
-            # FileStorage raises for an oid whose current record has no
-            # data (an undone creation): step over it
-            if not isinstance(storage, FileStorage):
-                raise
-            token = p64(u64(e.args[0]) + 1)
-            continue
-        yield oid, tid, data
-        if token is None:
-            return
+    from compositestorage.verify import current_records
+    return current_records(storage)
 
 
 def child_records(path):

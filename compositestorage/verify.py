@@ -1,0 +1,224 @@
+"""Checking a composite's children against the invariants, offline.
+
+``verify(storage)`` walks every current record of every partition and
+reports each problem with the partition, the oid, the record's class and,
+for references, the referrer and its partition:
+
+``dangling-reference``
+    a record refers (strongly) to an object that does not exist;
+``missing-stub``
+    a record refers to an object of another partition, and its child holds
+    no stub for it (the child is not self-contained); a secondary child
+    without the root stub at ``z64`` too;
+``stub-target-missing``
+    a stub stands for an object that its home partition does not hold;
+``orphan-stub``
+    a stub that no record of its child refers to;
+``corrupt-stub``
+    a record at a foreign oid that is not a readable stub of the right home;
+``foreign-object``
+    a real object stored in a partition that is not its home (the object
+    would live in two places);
+``unknown-partition``
+    a reference to an oid whose prefix no partition has;
+``partition-map``
+    a child whose partition map is missing or disagrees with the
+    configuration or with the other children.
+
+Weak references that dangle are not problems (ZODB allows them), but a
+weak reference to another partition needs its stub like any other.
+"""
+from ZODB.FileStorage import FileStorage
+from ZODB.MappingStorage import MappingStorage
+from ZODB.POSException import POSKeyError
+from ZODB.utils import p64
+from ZODB.utils import u64
+from ZODB.utils import z64
+
+from compositestorage.errors import CorruptStubError
+from compositestorage.errors import oid_hex
+from compositestorage.partition import is_internal
+from compositestorage.references import class_of
+from compositestorage.references import strong_and_weak_oids
+from compositestorage.stubs import read_stub
+
+
+class Problem:
+    """One thing wrong, as ``verify`` reports it."""
+
+    def __init__(self, kind, partition, oid, klass=None, referrer=None,
+                 referrer_partition=None, detail=''):
+        self.kind = kind
+        self.partition = partition
+        self.oid = oid
+        self.klass = klass
+        self.referrer = referrer
+        self.referrer_partition = referrer_partition
+        self.detail = detail
+
+    def as_dict(self):
+        return {'kind': self.kind, 'partition': self.partition,
+                'oid': oid_hex(self.oid) if self.oid is not None else None,
+                'class': self.klass,
+                'referrer': (oid_hex(self.referrer)
+                             if self.referrer is not None else None),
+                'referrer_partition': self.referrer_partition,
+                'detail': self.detail}
+
+    def __str__(self):
+        text = '%s: partition %r, oid %s' % (
+            self.kind, self.partition,
+            oid_hex(self.oid) if self.oid is not None else '-')
+        if self.klass:
+            text += ' (%s)' % self.klass
+        if self.referrer is not None:
+            text += ', referred to by %s in partition %r' % (
+                oid_hex(self.referrer), self.referrer_partition)
+        if self.detail:
+            text += ': ' + self.detail
+        return text
+
+
+def current_records(storage):
+    """Yield ``(oid, tid, data)`` of every current record of ``storage``
+    (a child), stepping over deleted objects."""
+    token = None
+    while True:
+        try:
+            oid, tid, data, token = storage.record_iternext(token)
+        except ValueError:      # empty storage, or no key at/after token
+            return
+        except POSKeyError as e:
+            # FileStorage raises for an oid whose current record has no
+            # data (an undone creation or a deletion): step over it
+            if not isinstance(storage, (FileStorage, MappingStorage)):
+                raise
+            token = p64(u64(e.args[0]) + 1)
+            continue
+        yield oid, tid, data
+        if token is None:
+            return
+
+
+def _klass(data):
+    klass = class_of(data) if data else None
+    return '%s.%s' % klass if klass else None
+
+
+def verify(storage):
+    """``(problems, counts)``: every :class:`Problem`, and how many records
+    each partition holds (objects and stubs)."""
+    partitions = storage.partitions
+    by_prefix = {p.prefix: p for p in partitions}
+    problems = []
+    counts = {}
+    own = {}            # prefix -> set of the oids of its own objects
+    stubs = {}          # prefix -> {oid: data} of its foreign records
+    refs = {}           # prefix -> [(referrer, oid, weak)]
+    for part in partitions:
+        own[part.prefix] = mine = set()
+        stubs[part.prefix] = foreign = {}
+        refs[part.prefix] = found = []
+        n_own = 0
+        for oid, _, data in current_records(part.base):
+            if oid[0] == part.prefix:
+                if is_internal(oid, part.prefix):
+                    continue            # the partition map
+                mine.add(oid)
+                n_own += 1
+                strong, weak = strong_and_weak_oids(data)
+                found.extend((oid, ref, False) for ref in strong)
+                found.extend((oid, ref, True) for ref in weak)
+            else:
+                foreign[oid] = data
+        counts[part.name] = {'objects': n_own, 'stubs': len(foreign)}
+
+    for part in partitions:
+        prefix = part.prefix
+        referred = set()
+        for referrer, oid, weak in refs[prefix]:
+            home = by_prefix.get(oid[0])
+            if home is None:
+                problems.append(Problem(
+                    'unknown-partition', part.name, oid, None, referrer,
+                    part.name, 'no partition has prefix %d' % oid[0]))
+                continue
+            if home is part:
+                if not weak and oid not in own[prefix]:
+                    problems.append(Problem(
+                        'dangling-reference', part.name, oid, None,
+                        referrer, part.name, 'no such object'))
+                continue
+            referred.add(oid)
+            if oid not in stubs[prefix]:
+                problems.append(Problem(
+                    'missing-stub', part.name, oid, None, referrer,
+                    part.name, 'the object lives in %r' % home.name))
+            if not weak and oid not in own[home.prefix]:
+                problems.append(Problem(
+                    'dangling-reference', home.name, oid, None, referrer,
+                    part.name, 'no such object in its home partition'))
+        if prefix != 0:
+            referred.add(z64)           # the root stub is always needed
+            if z64 not in stubs[prefix]:
+                problems.append(Problem(
+                    'missing-stub', part.name, z64, None, None, None,
+                    'a secondary child needs the root stub at z64'))
+        for oid, data in sorted(stubs[prefix].items()):
+            problems.extend(_check_stub(part, oid, data, by_prefix, own,
+                                        referred))
+    problems.extend(_check_maps(storage))
+    return problems, counts
+
+
+def _check_stub(part, oid, data, by_prefix, own, referred):
+    home = by_prefix.get(oid[0])
+    try:
+        home_name, klass = read_stub(data, part.name, oid)
+    except CorruptStubError as e:
+        if home is not None and _klass(data) and \
+                'PartitionStub' not in (_klass(data) or ''):
+            yield Problem('foreign-object', part.name, oid, _klass(data),
+                          detail='a real object, whose home is %r'
+                          % (home.name,))
+        else:
+            yield Problem('corrupt-stub', part.name, oid, _klass(data),
+                          detail=str(e))
+        return
+    klass = '%s.%s' % klass if klass else None
+    if home is None or home_name != home.name:
+        yield Problem('corrupt-stub', part.name, oid, klass,
+                      detail='it names %r as the home partition' % home_name)
+        return
+    if oid not in own[home.prefix]:
+        yield Problem('stub-target-missing', part.name, oid, klass,
+                      detail='%r holds no such object' % home.name)
+    if oid not in referred:
+        yield Problem('orphan-stub', part.name, oid, klass,
+                      detail='no record of %r refers to it' % part.name)
+
+
+def _check_maps(storage):
+    identities = set()
+    for part in storage.partitions:
+        try:
+            recorded = part.read_map()
+        except Exception as e:
+            yield Problem('partition-map', part.name, part.map_oid,
+                          detail='unreadable (%s)' % e)
+            continue
+        if recorded is None:
+            yield Problem('partition-map', part.name, part.map_oid,
+                          detail='the child records no partition map')
+            continue
+        name = recorded.get('partition')
+        prefix = recorded.get('prefix')
+        if (name, prefix) != (part.name, part.prefix):
+            yield Problem('partition-map', part.name, part.map_oid,
+                          detail='it records %r with prefix %r' % (
+                              name, prefix))
+        identities.add(recorded.get('composite'))
+    if len(identities) > 1:
+        yield Problem('partition-map', None, None,
+                      detail='the children belong to different composites: '
+                      + ', '.join(sorted(map(str, identities))))
