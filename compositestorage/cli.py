@@ -651,6 +651,28 @@ def cmd_verify(args, out=None):
     return 1 if problems else 0
 
 
+# --- stats --------------------------------------------------------------------
+
+def cmd_stats(args, out=None):
+    out = out or sys.stdout
+    from compositestorage.stats import format_stats
+    from compositestorage.stats import stats
+    from compositestorage.storage import CompositeStorage
+    storage = open_read_only(args.target)
+    try:
+        if not isinstance(storage, CompositeStorage):
+            raise CLIError('%s opens a %s, not a composite'
+                           % (args.target, type(storage).__name__))
+        report = stats(storage, args.top)
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True), file=out)
+    else:
+        print(format_stats(report), file=out)
+    return 0
+
+
 # --- recover ------------------------------------------------------------------
 
 def cmd_recover(args, out=None):
@@ -791,6 +813,22 @@ def make_parser():
     verify.add_argument('--json', action='store_true',
                         help='print the report as one JSON object')
     verify.set_defaults(func=cmd_verify)
+
+    stats = sub.add_parser(
+        'stats', help='counts, sizes, classes and cross-partition edges',
+        description='Open a composite read-only and show, for each '
+                    'partition, its object count, bytes and stub count and '
+                    'its top classes by count and by bytes, then the '
+                    'cross-partition references as a matrix (row: from, '
+                    'column: to).')
+    stats.add_argument('target', metavar='CONFIG_OR_URI',
+                       help='a ZConfig file or a zodburi URI of the '
+                            'composite (as for info)')
+    stats.add_argument('--top', type=int, default=10, metavar='N',
+                       help='how many classes to show (default 10)')
+    stats.add_argument('--json', action='store_true',
+                       help='print the same as one JSON object')
+    stats.set_defaults(func=cmd_stats)
 
     recover = sub.add_parser(
         'recover', help='complete or remove a transaction a crash left '
