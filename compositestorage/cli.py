@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import tempfile
+import time
 
 import ZConfig
 import ZConfig.datatypes
@@ -673,6 +674,54 @@ def cmd_stats(args, out=None):
     return 0
 
 
+# --- pack -----------------------------------------------------------------------
+
+def _sizes(storage):
+    """``{partition: (objects, stubs, bytes)}`` of a composite."""
+    return {p.name: (p.count_own(), p.count_stubs() or 0,
+                     p.storage.getSize())
+            for p in storage.partitions}
+
+
+def cmd_pack(args, out=None):
+    out = out or sys.stdout
+    from ZODB.serialize import referencesf
+    from compositestorage.storage import CompositeStorage
+    pack_time = time.time() - args.days * 86400
+    if os.path.isfile(args.target):
+        storage = storage_opener_from_file(args.target).open()
+    elif _SCHEME_RE.match(args.target) and \
+            uri_scheme(args.target) == 'zeo':
+        storage = storage_factory_from_uri(args.target)()
+    else:
+        raise CLIError('pack needs the ZConfig file of the composite, or the '
+                       'zeo:// URI of a server that serves it (got %s)'
+                       % args.target)
+    try:
+        composite = isinstance(storage, CompositeStorage)
+        before = _sizes(storage) if composite else None
+        started = time.time()
+        print('packing %s to %s ...' % (
+            storage.getName(), time.strftime(
+                '%Y-%m-%d %H:%M:%S UTC', time.gmtime(pack_time))),
+            file=out, flush=True)
+        storage.pack(pack_time, referencesf)
+        after = _sizes(storage) if composite else None
+    finally:
+        storage.close()
+    print('packed in %.1f s' % (time.time() - started), file=out)
+    if composite:
+        for name, (objects, stubs, size) in before.items():
+            a_objects, a_stubs, a_size = after[name]
+            print('%s: removed %d objects, %d stubs, %d bytes' % (
+                name, objects - a_objects, stubs - a_stubs, size - a_size),
+                file=out)
+    else:
+        print('the server packed (through ZEO: it reports no counts)',
+              file=out)
+    return 0
+
+
 # --- recover ------------------------------------------------------------------
 
 def cmd_recover(args, out=None):
@@ -829,6 +878,22 @@ def make_parser():
     stats.add_argument('--json', action='store_true',
                        help='print the same as one JSON object')
     stats.set_defaults(func=cmd_stats)
+
+    pack = sub.add_parser(
+        'pack', help='pack every partition, collecting garbage globally',
+        description='Pack a composite to DAYS days ago: one mark from the '
+                    'root across all partitions and their stubs, then each '
+                    'child packs with that mark, so no child collects '
+                    'garbage on its own.  For a ZConfig file the composite '
+                    'is opened here (it must not be open elsewhere); for a '
+                    'zeo:// URI the server is asked to pack.  Reports what '
+                    'was removed in each partition.')
+    pack.add_argument('target', metavar='CONFIG_OR_URI',
+                      help='the ZConfig file of the composite, or zeo://')
+    pack.add_argument('--days', type=float, default=0.0,
+                      help='keep the history of the last DAYS days '
+                           '(default 0: pack to now)')
+    pack.set_defaults(func=cmd_pack)
 
     recover = sub.add_parser(
         'recover', help='complete or remove a transaction a crash left '
