@@ -722,6 +722,44 @@ def cmd_pack(args, out=None):
     return 0
 
 
+# --- repair -------------------------------------------------------------------
+
+def cmd_repair(args, out=None):
+    out = out or sys.stdout
+    from compositestorage.repair import repair
+    from compositestorage.storage import CompositeStorage
+    if not os.path.isfile(args.config):
+        raise CLIError('no such file: %s (repair needs the ZConfig file of '
+                       'the composite, offline: it opens the children '
+                       'itself as their one writer)' % args.config)
+    opener = storage_opener_from_file(args.config)
+    if args.dry_run:
+        make_read_only(opener)
+        drop_blob_dirs(opener)
+    storage = opener.open()
+    try:
+        if not isinstance(storage, CompositeStorage):
+            raise CLIError('%s opens a %s, not a composite'
+                           % (args.config, type(storage).__name__))
+        actions, untouched = repair(storage, dry_run=args.dry_run)
+    finally:
+        storage.close()
+    if args.json:
+        print(json.dumps({
+            'dry_run': args.dry_run,
+            'actions': [a.as_dict() for a in actions],
+            'untouched': [p.as_dict() for p in untouched]},
+            indent=2, sort_keys=True), file=out)
+    else:
+        for action in actions:
+            print(('would %s' if args.dry_run else '%s') % action, file=out)
+        for problem in untouched:
+            print('left for you: %s' % problem, file=out)
+        if not actions and not untouched:
+            print('nothing to repair', file=out)
+    return 1 if untouched else 0
+
+
 # --- recover ------------------------------------------------------------------
 
 def cmd_recover(args, out=None):
@@ -894,6 +932,25 @@ def make_parser():
                       help='keep the history of the last DAYS days '
                            '(default 0: pack to now)')
     pack.set_defaults(func=cmd_pack)
+
+    repair = sub.add_parser(
+        'repair', help='recreate missing stubs and remove orphaned ones, '
+                       'offline',
+        description='Open a composite as its one writer (it must not be '
+                    'open elsewhere: stop a server that serves it), run '
+                    'verify, store every missing stub and delete every '
+                    'orphaned one, in one transaction of internal records.  '
+                    'Problems that need a person (dangling references, '
+                    'corrupt stubs, objects outside their home) are listed '
+                    'and left alone; the exit status is then 1.')
+    repair.add_argument('config', metavar='CONFIG',
+                        help='the ZConfig file of the composite')
+    repair.add_argument('--dry-run', action='store_true',
+                        help='open read-only and only show what repair '
+                             'would do')
+    repair.add_argument('--json', action='store_true',
+                        help='print the report as one JSON object')
+    repair.set_defaults(func=cmd_repair)
 
     recover = sub.add_parser(
         'recover', help='complete or remove a transaction a crash left '

@@ -1,5 +1,6 @@
 """``compositestorage verify``: each kind of problem, found on real files."""
 import json
+import os
 import subprocess
 import sys
 
@@ -156,3 +157,69 @@ def test_the_command(built, tmp_path):
     assert dangling['partition'] == 'c'
     assert dangling['referrer'] == '0x' + oids['x'].hex()
     assert dangling['referrer_partition'] == 'b'
+
+
+# --- repair ----------------------------------------------------------------------
+
+def _config(tmp_path, paths):
+    config = tmp_path / 'composite.conf'
+    config.write_text(composite_xml(
+        [partition_xml(name, prefix, paths[name]) for name, prefix in THREE]))
+    return config
+
+
+def _repair(config, *args):
+    return subprocess.run(
+        [sys.executable, '-m', 'compositestorage', 'repair', str(config)]
+        + list(args), capture_output=True, text=True, timeout=120)
+
+
+def test_repair_recreates_a_missing_stub_and_removes_an_orphan(built,
+                                                                tmp_path):
+    paths, oids = built
+    on_child(paths['main'], delete(oids['x']))      # missing stub in main
+    db = ZODB.DB(open_composite(paths))
+    with db.transaction() as conn:
+        del conn.root()['holder']['x']['y']         # orphans y's stub in b
+    db.close()
+    assert kinds(problems_of(paths)) == [('missing-stub', 'main'),
+                                         ('orphan-stub', 'b')]
+    config = _config(tmp_path, paths)
+    before = {name: os.path.getsize(path) for name, path in paths.items()}
+    proc = _repair(config, '--dry-run')
+    assert proc.returncode == 0, proc.stderr
+    assert 'would create the stub for 0x%s' % oids['x'].hex() in proc.stdout
+    assert 'would remove the stub for 0x%s' % oids['y'].hex() in proc.stdout
+    assert {name: os.path.getsize(path)
+            for name, path in paths.items()} == before   # nothing written
+    proc = _repair(config)
+    assert proc.returncode == 0, proc.stderr
+    assert problems_of(paths) == []
+    assert 'nothing to repair' in _repair(config).stdout
+    # the repair is internal: it shows in no undo log
+    storage = open_composite(paths, read_only=True)
+    try:
+        assert all(d['description'] != b'compositestorage repair'
+                   for d in storage.undoLog(0, 100))
+    finally:
+        storage.close()
+
+
+def test_repair_leaves_a_dangling_reference_to_a_person(built, tmp_path):
+    paths, oids = built
+    on_child(paths['c'], delete(oids['y']))
+    proc = _repair(_config(tmp_path, paths))
+    assert proc.returncode == 1
+    assert 'left for you: dangling-reference' in proc.stdout
+
+
+def test_repair_needs_the_storage_offline(built, tmp_path):
+    paths, oids = built
+    storage = open_composite(paths)          # a running writer
+    try:
+        proc = _repair(_config(tmp_path, paths))
+    finally:
+        storage.close()
+    assert proc.returncode == 1
+    assert 'another process' in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
