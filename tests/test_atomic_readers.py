@@ -203,7 +203,9 @@ def test_zeo_clients_never_see_half_a_transaction(tmp_path):
     addr, stop = ZEO.server(storage_conf=conf)
     try:
         writer_db = ZEO.DB(addr)
-        reader_db = ZEO.DB(addr)
+        # server_sync: each new transaction of the reader waits for the
+        # invalidations the server has sent, so it starts from the latest
+        reader_db = ZEO.DB(addr, server_sync=True)
         try:
             tm = transaction.TransactionManager()
             conn = writer_db.open(tm)
