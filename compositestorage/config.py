@@ -4,13 +4,11 @@ Everything that can be checked before a child is opened is checked first,
 so a bad config never opens, locks or creates a file.
 """
 import os
-import time
 
 from ZODB.config import BaseConfig
 
-from compositestorage.errors import CompositeStorageError
 from compositestorage.faults import point as fault_point
-from compositestorage.journal import Journal
+from compositestorage.journal import open_children_consistently
 from compositestorage.partition import check_layout
 from compositestorage.partition import Partition
 from compositestorage.storage import CompositeStorage
@@ -40,23 +38,11 @@ class CompositeStorageConfig(BaseConfig):
                         and not child.blob_dir:
                     child.blob_dir = c.blob_dir
         path = journal_path(c.journal, sections)
-        journal = Journal(path) if path else None
-        for attempt in range(READ_ONLY_ATTEMPTS):
-            before = journal.snapshot() if journal else None
-            opened = open_children(sections)
-            if not c.read_only or journal is None \
-                    or journal.snapshot() == before:
-                break
-            # The writer began or finished a transaction over several
-            # partitions while the children were opened one by one: some
-            # may show it and others not.  Open them again.
-            close_all(opened)
-            time.sleep(0.01 * (attempt + 1))
+        if c.read_only:
+            opened = open_children_consistently(
+                lambda: open_children(sections), close_all, path)
         else:
-            raise CompositeStorageError(
-                'the writer committed across partitions each of the %d '
-                'times this read-only composite opened its children; '
-                'try again when it is less busy' % READ_ONLY_ATTEMPTS)
+            opened = open_children(sections)
         try:
             return CompositeStorage(
                 opened, name=c.name, placement=c.placement,
@@ -66,11 +52,6 @@ class CompositeStorageConfig(BaseConfig):
         except BaseException:
             close_all(opened)
             raise
-
-
-#: How often a read-only composite opens its children before giving up on
-#: a writer that keeps committing across partitions meanwhile.
-READ_ONLY_ATTEMPTS = 20
 
 
 def open_children(sections):

@@ -18,10 +18,12 @@ See ``docs/commit-protocol.rst`` for the protocol and the recovery rules.
 """
 import os
 import struct
+import time
 import zlib
 
 import zc.lockfile
 
+from compositestorage.errors import CompositeStorageError
 from compositestorage.errors import WriterLockedError
 
 MAGIC = b'CSJ1'
@@ -172,3 +174,32 @@ def lock_writer(journal):
         raise WriterLockedError(
             'another process is writing to these partitions (it holds %s); '
             'stop it, or open this composite read-only' % path)
+
+
+#: How often a read-only composite opens its children before giving up on
+#: a writer that keeps committing across partitions meanwhile.
+READ_ONLY_ATTEMPTS = 20
+
+
+def open_children_consistently(open_children, close_children, journal_path):
+    """Open a read-only composite's children so that they show one state.
+
+    The children are opened one after the other; a writer that commits
+    across partitions in between would show in some and not in others.
+    Every such commit changes the journal (an intent before any child
+    finishes, the finished tid after the last), so the journal is read
+    before and after ``open_children()``, which is called again until the
+    two agree.  ``close_children(opened)`` closes a spoiled attempt.
+    """
+    journal = Journal(journal_path) if journal_path else None
+    for attempt in range(READ_ONLY_ATTEMPTS):
+        before = journal.snapshot() if journal else None
+        opened = open_children()
+        if journal is None or journal.snapshot() == before:
+            return opened
+        close_children(opened)
+        time.sleep(0.01 * (attempt + 1))
+    raise CompositeStorageError(
+        'the writer committed across partitions each of the %d times this '
+        'read-only composite opened its children; try again when it is '
+        'less busy' % READ_ONLY_ATTEMPTS)

@@ -59,6 +59,8 @@ import zodburi
 from zodburi.resolvers import Resolver
 
 from compositestorage.errors import ConfigurationError
+from compositestorage.faults import point as fault_point
+from compositestorage.journal import open_children_consistently
 from compositestorage.partition import check_layout
 from compositestorage.placement import POLICIES
 from compositestorage.storage import CompositeStorage
@@ -335,21 +337,42 @@ def resolve_composite(uri):
         (name, prefix, _resolve_child_uri(index, text, child))
         for index, (name, prefix, child, text) in enumerate(parts, 1)]
 
-    def factory():
+    def open_children():
         opened = []
         try:
             for name, prefix, open_child in children:
                 opened.append((name, prefix, open_child()))
+                fault_point('opened-child', name)
+        except BaseException:
+            close_children(opened)
+            raise
+        return opened
+
+    def factory():
+        if options.get('read_only'):
+            primary = [child for name, prefix, child, _ in parts
+                       if prefix == 0]
+            key = _child_key(primary[0]) if primary else None
+            opened = open_children_consistently(
+                open_children, close_children,
+                key[1] + '.journal' if key else None)
+        else:
+            opened = open_children()
+        try:
             return CompositeStorage(opened, **options)
         except BaseException:
-            for _, _, storage in reversed(opened):
-                try:
-                    storage.close()
-                except Exception:
-                    pass
+            close_children(opened)
             raise
 
     return factory, dbkw
+
+
+def close_children(opened):
+    for _, _, storage in reversed(opened):
+        try:
+            storage.close()
+        except Exception:
+            pass
 
 
 # --- formatting -----------------------------------------------------------------

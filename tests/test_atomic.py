@@ -574,3 +574,41 @@ def test_a_transaction_that_cannot_be_taken_back_refuses_writes(tmp_path):
         db.close()
     finally:
         storage.close()
+
+
+def test_a_read_only_uri_reopens_children_across_a_commit(seeded):
+    """The same for a composite opened read-only from a zodburi URI."""
+    from compositestorage import faults
+    from compositestorage.uri import resolve_composite
+    writer = _open(seeded)
+    wdb = ZODB.DB(writer)
+    tm = transaction.TransactionManager()
+    counters = wdb.open(tm).root()['counters']
+    commits = []
+
+    def hook(point):
+        if point == 'opened-child:main' and not commits:
+            for name in NAMES:
+                counters[name]['n'] += 1
+            tm.commit()
+            commits.append(point)
+
+    uri = 'composite:' + '/'.join(
+        '%s=%d:(file://%s?read_only=true)' % (name, prefix,
+                                             seeded / (name + '.fs'))
+        for name, prefix in PARTS) + '?read_only=true'
+    factory, _ = resolve_composite(uri)
+    faults.hook = hook
+    try:
+        reader = factory()
+    finally:
+        faults.hook = None
+    try:
+        assert commits
+        db = ZODB.DB(reader)
+        seen = db.open().root()['counters']
+        assert {seen[name]['n'] for name in NAMES} == {3}
+        db.close()
+    finally:
+        reader.close()
+        wdb.close()
