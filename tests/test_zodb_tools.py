@@ -8,7 +8,6 @@ would notice a child that is not self-contained.
 import subprocess
 import sys
 
-import transaction
 import ZODB
 from BTrees.OOBTree import OOBTree
 from persistent.mapping import PersistentMapping
