@@ -12,6 +12,7 @@ Errors are reported as one line on stderr, ``compositestorage: error:
 does); ``--traceback`` shows the full traceback instead.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -622,21 +623,46 @@ def cmd_info(args, out=None):
     return 0
 
 
+# --- commands on a composite ----------------------------------------------------
+
+@contextlib.contextmanager
+def opened_composite(target, read_only=True, writer_of=None):
+    """The composite ``target`` opens, closed afterwards.
+
+    ``writer_of`` names a command that opens the children itself, offline:
+    ``target`` must then be a ZConfig file, opened for writing unless
+    ``read_only``.  Otherwise ``target`` is a config or a URI, opened
+    read-only.
+    """
+    from compositestorage.storage import CompositeStorage
+    if writer_of is None:
+        storage = open_read_only(target)
+    else:
+        if not os.path.isfile(target):
+            raise CLIError('no such file: %s (%s needs the ZConfig file of '
+                           'the composite: it opens the children itself, as '
+                           'their one writer)' % (target, writer_of))
+        opener = storage_opener_from_file(target)
+        if read_only:
+            make_read_only(opener)
+            drop_blob_dirs(opener)
+        storage = opener.open()
+    try:
+        if not isinstance(storage, CompositeStorage):
+            raise CLIError('%s opens a %s, not a composite'
+                           % (target, type(storage).__name__))
+        yield storage
+    finally:
+        storage.close()
+
+
 # --- verify -------------------------------------------------------------------
 
 def cmd_verify(args, out=None):
     out = out or sys.stdout
-    from compositestorage.storage import CompositeStorage
     from compositestorage.verify import verify
-    storage = open_read_only(args.target)
-    try:
-        if not isinstance(storage, CompositeStorage):
-            raise CLIError('%s opens a %s, not a composite; verify checks '
-                           'the partitions of a composite'
-                           % (args.target, type(storage).__name__))
+    with opened_composite(args.target) as storage:
         problems, counts = verify(storage)
-    finally:
-        storage.close()
     if args.json:
         print(json.dumps({'ok': not problems, 'partitions': counts,
                           'problems': [p.as_dict() for p in problems]},
@@ -658,15 +684,8 @@ def cmd_stats(args, out=None):
     out = out or sys.stdout
     from compositestorage.stats import format_stats
     from compositestorage.stats import stats
-    from compositestorage.storage import CompositeStorage
-    storage = open_read_only(args.target)
-    try:
-        if not isinstance(storage, CompositeStorage):
-            raise CLIError('%s opens a %s, not a composite'
-                           % (args.target, type(storage).__name__))
+    with opened_composite(args.target) as storage:
         report = stats(storage, args.top)
-    finally:
-        storage.close()
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True), file=out)
     else:
@@ -727,23 +746,8 @@ def cmd_pack(args, out=None):
 def cmd_repair(args, out=None):
     out = out or sys.stdout
     from compositestorage.repair import repair
-    from compositestorage.storage import CompositeStorage
-    if not os.path.isfile(args.config):
-        raise CLIError('no such file: %s (repair needs the ZConfig file of '
-                       'the composite, offline: it opens the children '
-                       'itself as their one writer)' % args.config)
-    opener = storage_opener_from_file(args.config)
-    if args.dry_run:
-        make_read_only(opener)
-        drop_blob_dirs(opener)
-    storage = opener.open()
-    try:
-        if not isinstance(storage, CompositeStorage):
-            raise CLIError('%s opens a %s, not a composite'
-                           % (args.config, type(storage).__name__))
+    with opened_composite(args.config, args.dry_run, 'repair') as storage:
         actions, untouched = repair(storage, dry_run=args.dry_run)
-    finally:
-        storage.close()
     if args.json:
         print(json.dumps({
             'dry_run': args.dry_run,
@@ -765,20 +769,7 @@ def cmd_repair(args, out=None):
 def cmd_recover(args, out=None):
     out = out or sys.stdout
     from compositestorage.recovery import recover
-    from compositestorage.storage import CompositeStorage
-    if not os.path.isfile(args.config):
-        raise CLIError('no such file: %s (recover needs the ZConfig file of '
-                       'the composite; it opens the children itself)'
-                       % args.config)
-    opener = storage_opener_from_file(args.config)
-    if args.dry_run:
-        make_read_only(opener)
-        drop_blob_dirs(opener)
-    storage = opener.open()
-    try:
-        if not isinstance(storage, CompositeStorage):
-            raise CLIError('%s opens a %s, not a composite'
-                           % (args.config, type(storage).__name__))
+    with opened_composite(args.config, args.dry_run, 'recover') as storage:
         journal = storage.journal
         if journal is None:
             raise CLIError('%s has no journal (its primary is not a '
@@ -788,8 +779,6 @@ def cmd_recover(args, out=None):
             outcome = recover(storage._by_prefix, journal, dry_run=True)
         else:
             outcome = storage.recovered     # opening recovered
-    finally:
-        storage.close()
     if args.json:
         report = {'journal': journal.path, 'dry_run': args.dry_run,
                   'outcome': outcome.as_dict() if outcome else None}

@@ -221,16 +221,17 @@ def to_child_record(data, prefix):
     it refers to (each needs a stub in this partition), and the class each
     rewritten hint named, by oid.
     """
-    if data[:2] == b'\x80\x03':
-        done = _rewrite_zodb_layout(data, prefix)
-        if done is not None:
-            record, foreign, hints = done
-            return (record + EXACT_TAG if needs_tag(data) else record,
-                    foreign, hints)
-    foreign, hinted = scan(data, prefix)
-    record, hints = classes_to_hints(data, prefix) if hinted else (data, {})
-    return (record + EXACT_TAG if needs_tag(data) else record,
-            foreign, hints)
+    done = (_rewrite_zodb_layout(data, prefix)
+            if data[:2] == b'\x80\x03' else None)
+    if done is None:
+        foreign, hinted = scan(data, prefix)
+        record, hints = (classes_to_hints(data, prefix) if hinted
+                         else (data, {}))
+    else:
+        record, foreign, hints = done
+    if needs_tag(data):
+        record += EXACT_TAG
+    return record, foreign, hints
 
 
 def classes_to_hints(data, prefix):

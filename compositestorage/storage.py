@@ -47,7 +47,6 @@ from compositestorage.recovery import recover
 from compositestorage.references import STUB_MARK
 from compositestorage.references import class_of
 from compositestorage.references import hints_to_classes
-from compositestorage.references import restore_hints
 from compositestorage.references import resolver_keeping_tags
 from compositestorage.references import to_child_record
 
@@ -254,9 +253,10 @@ class CompositeStorage(blobs.BlobMethods):
         """The record ZODB sees for ``data`` from ``part``'s child."""
         if not data or not _stub_search(data):
             return data
-        restored = restore_hints(data)
-        if restored is not None:
-            return restored
+        return self._with_classes(part, data)
+
+    def _with_classes(self, part, data):
+        """``data``, which holds stub hints, as ZODB stored it."""
         return hints_to_classes(data, part.prefix,
                                 lambda ref: self._class_of_target(part, ref))
 
@@ -372,9 +372,7 @@ class CompositeStorage(blobs.BlobMethods):
             if r is None:
                 raise POSException.POSKeyError(oid)
             return r[0], r[1]
-        if data and _stub_search(data):
-            data = self.from_child(part, data)
-        return data, serial
+        return self.from_child(part, data), serial
 
     def loadBefore(self, oid, tid):
         # The hot path of every read, so _home and from_child are inline:
@@ -395,10 +393,8 @@ class CompositeStorage(blobs.BlobMethods):
         if end is not None and end >= limit:
             r = data, start, None
         if data and _stub_search(data):
-            restored = restore_hints(data)
-            if restored is None:
-                restored = self.from_child(self._by_prefix[oid[0]], data)
-            r = restored, start, r[2]
+            r = (self._with_classes(self._by_prefix[oid[0]], data), start,
+                 r[2])
         return r
 
     def loadSerial(self, oid, serial):

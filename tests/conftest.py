@@ -295,6 +295,15 @@ def composite_xml(partitions, top='', section_name='', zodb=False):
     return '%import compositestorage\n' + text
 
 
+def config_file(directory, paths, parts=THREE):
+    """Write ``composite.conf`` in ``directory`` for the FileStorage
+    partitions at ``paths``; returns its path."""
+    config = directory / 'composite.conf'
+    config.write_text(composite_xml(
+        [partition_xml(name, prefix, paths[name]) for name, prefix in parts]))
+    return config
+
+
 def main_and_catalog(directory, catalog_extra=''):
     """The ``main`` (0) and ``catalog`` (1) FileStorage partitions."""
     return [partition_xml('main', 0, '%s/main.fs' % directory),

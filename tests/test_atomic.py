@@ -26,8 +26,7 @@ from compositestorage import CompositeStorage
 from compositestorage.errors import WriterLockedError
 from compositestorage.journal import Intent
 from compositestorage.journal import Journal
-from conftest import composite_xml
-from conftest import partition_xml
+from conftest import config_file
 from crash_writer import PARTS
 from crash_writer import RaisingInFinish
 
@@ -348,10 +347,8 @@ def test_recover_command(seeded):
     code, acked = run_writer(seeded, 10,
                              {'CRASH_AT': 'finished:main:3'})
     assert code == -signal.SIGKILL
-    config = seeded / 'composite.conf'
-    config.write_text(composite_xml(
-        [partition_xml(name, prefix, str(seeded / (name + '.fs')))
-         for name, prefix in PARTS]))
+    config = config_file(seeded, {name: str(seeded / (name + '.fs'))
+                                  for name, _ in PARTS}, PARTS)
     intent = Journal(str(seeded / 'main.fs.journal')).read()
 
     def recover(*args):
@@ -375,46 +372,66 @@ def test_recover_command(seeded):
     check_invariant(seeded, acked)
 
 
+def _open_across_commits(seeded, open_reader, spoil):
+    """Open a read-only composite with ``open_reader()`` while a writer in
+    this process commits across all partitions each time the reader has
+    opened main, ``spoil`` times; returns the counters the reader sees."""
+    from compositestorage import faults
+    wdb = ZODB.DB(_open(seeded))
+    tm = transaction.TransactionManager()
+    counters = wdb.open(tm).root()['counters']
+    commits = []
+
+    def hook(point):
+        if point == 'opened-child:main' and len(commits) < spoil:
+            for name in NAMES:
+                counters[name]['n'] += 1
+            tm.commit()
+            commits.append(point)
+
+    faults.hook = hook
+    try:
+        reader = open_reader()
+    finally:
+        faults.hook = None
+    try:
+        assert len(commits) == spoil            # the openings were spoiled
+        db = ZODB.DB(reader)
+        seen = db.open().root()['counters']
+        values = {seen[name]['n'] for name in NAMES}
+        db.close()
+    finally:
+        reader.close()
+        wdb.close()
+    return values
+
+
 def test_a_read_only_composite_reopens_children_across_a_commit(seeded):
     """The children of a read-only composite are opened one by one; a
     writer that commits across partitions in between would show in some of
     them and not in others.  The journal changed, so they are opened
     again."""
     import ZODB.config
-    from compositestorage import faults
-    writer = _open(seeded)
-    wdb = ZODB.DB(writer)
-    tm = transaction.TransactionManager()
-    counters = wdb.open(tm).root()['counters']
-    commits = []
-
-    def hook(point):
-        if point == 'opened-child:main' and len(commits) < 2:
-            for name in NAMES:
-                counters[name]['n'] += 1
-            tm.commit()
-            commits.append(point)
-
     config = '%import compositestorage\n<compositestorage>\n' \
         '  read-only true\n' + ''.join(
             '  <partition %s>\n    prefix %d\n    <filestorage>\n'
             '      path %s\n      read-only true\n    </filestorage>\n'
             '  </partition>\n' % (name, prefix, seeded / (name + '.fs'))
             for name, prefix in PARTS) + '</compositestorage>\n'
-    faults.hook = hook
-    try:
-        reader = ZODB.config.storageFromString(config)
-    finally:
-        faults.hook = None
-    try:
-        assert len(commits) == 2        # two openings were spoiled
-        db = ZODB.DB(reader)
-        seen = db.open().root()['counters']
-        assert {seen[name]['n'] for name in NAMES} == {4}
-        db.close()
-    finally:
-        reader.close()
-        wdb.close()
+    values = _open_across_commits(
+        seeded, lambda: ZODB.config.storageFromString(config), 2)
+    assert values == {4}
+
+
+def test_a_read_only_uri_reopens_children_across_a_commit(seeded):
+    """The same for a composite opened read-only from a zodburi URI."""
+    from compositestorage.uri import resolve_composite
+    uri = 'composite:' + '/'.join(
+        '%s=%d:(file://%s?read_only=true)' % (name, prefix,
+                                             seeded / (name + '.fs'))
+        for name, prefix in PARTS) + '?read_only=true'
+    factory, _ = resolve_composite(uri)
+    assert _open_across_commits(seeded, factory, 1) == {3}
 
 
 # --- every kind of transaction is taken back whole ------------------------------
@@ -574,41 +591,3 @@ def test_a_transaction_that_cannot_be_taken_back_refuses_writes(tmp_path):
         db.close()
     finally:
         storage.close()
-
-
-def test_a_read_only_uri_reopens_children_across_a_commit(seeded):
-    """The same for a composite opened read-only from a zodburi URI."""
-    from compositestorage import faults
-    from compositestorage.uri import resolve_composite
-    writer = _open(seeded)
-    wdb = ZODB.DB(writer)
-    tm = transaction.TransactionManager()
-    counters = wdb.open(tm).root()['counters']
-    commits = []
-
-    def hook(point):
-        if point == 'opened-child:main' and not commits:
-            for name in NAMES:
-                counters[name]['n'] += 1
-            tm.commit()
-            commits.append(point)
-
-    uri = 'composite:' + '/'.join(
-        '%s=%d:(file://%s?read_only=true)' % (name, prefix,
-                                             seeded / (name + '.fs'))
-        for name, prefix in PARTS) + '?read_only=true'
-    factory, _ = resolve_composite(uri)
-    faults.hook = hook
-    try:
-        reader = factory()
-    finally:
-        faults.hook = None
-    try:
-        assert commits
-        db = ZODB.DB(reader)
-        seen = db.open().root()['counters']
-        assert {seen[name]['n'] for name in NAMES} == {3}
-        db.close()
-    finally:
-        reader.close()
-        wdb.close()

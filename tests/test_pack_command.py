@@ -8,10 +8,8 @@ from persistent.mapping import PersistentMapping
 
 from compositestorage import placement
 from compositestorage.verify import verify
-from conftest import THREE
-from conftest import composite_xml
+from conftest import config_file
 from conftest import open_composite
-from conftest import partition_xml
 from conftest import paths_for
 
 
@@ -34,9 +32,7 @@ def test_pack_removes_garbage_and_orphan_stubs(tmp_path):
     tm.commit()
     db.close()
 
-    config = tmp_path / 'composite.conf'
-    config.write_text(composite_xml(
-        [partition_xml(name, prefix, paths[name]) for name, prefix in THREE]))
+    config = config_file(tmp_path, paths)
     proc = subprocess.run(
         [sys.executable, '-m', 'compositestorage', 'pack', str(config)],
         capture_output=True, text=True, timeout=120)

@@ -11,10 +11,8 @@ from persistent.mapping import PersistentMapping
 from compositestorage import placement
 from compositestorage.stats import format_stats
 from compositestorage.stats import stats
-from conftest import THREE
-from conftest import composite_xml
+from conftest import config_file
 from conftest import open_composite
-from conftest import partition_xml
 from conftest import paths_for
 
 
@@ -57,9 +55,7 @@ def test_stats_on_real_files(tmp_path):
     text = format_stats(report)
     assert 'b (prefix 1): 5 objects' in text
 
-    config = tmp_path / 'composite.conf'
-    config.write_text(composite_xml(
-        [partition_xml(name, prefix, paths[name]) for name, prefix in THREE]))
+    config = config_file(tmp_path, paths)
     proc = subprocess.run(
         [sys.executable, '-m', 'compositestorage', 'stats', str(config),
          '--json', '--top', '3'],

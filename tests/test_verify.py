@@ -13,10 +13,8 @@ from ZODB.FileStorage import FileStorage
 
 from compositestorage import placement
 from compositestorage.verify import verify
-from conftest import THREE
-from conftest import composite_xml
+from conftest import config_file
 from conftest import open_composite
-from conftest import partition_xml
 from conftest import paths_for
 from conftest import pm_record
 from conftest import raw_commit
@@ -133,9 +131,7 @@ def test_a_corrupt_stub_and_a_foreign_object(built):
 
 def test_the_command(built, tmp_path):
     paths, oids = built
-    config = tmp_path / 'composite.conf'
-    config.write_text(composite_xml(
-        [partition_xml(name, prefix, paths[name]) for name, prefix in THREE]))
+    config = config_file(tmp_path, paths)
 
     def run(*args):
         return subprocess.run(
@@ -161,13 +157,6 @@ def test_the_command(built, tmp_path):
 
 # --- repair ----------------------------------------------------------------------
 
-def _config(tmp_path, paths):
-    config = tmp_path / 'composite.conf'
-    config.write_text(composite_xml(
-        [partition_xml(name, prefix, paths[name]) for name, prefix in THREE]))
-    return config
-
-
 def _repair(config, *args):
     return subprocess.run(
         [sys.executable, '-m', 'compositestorage', 'repair', str(config)]
@@ -184,7 +173,7 @@ def test_repair_recreates_a_missing_stub_and_removes_an_orphan(built,
     db.close()
     assert kinds(problems_of(paths)) == [('missing-stub', 'main'),
                                          ('orphan-stub', 'b')]
-    config = _config(tmp_path, paths)
+    config = config_file(tmp_path, paths)
     before = {name: os.path.getsize(path) for name, path in paths.items()}
     proc = _repair(config, '--dry-run')
     assert proc.returncode == 0, proc.stderr
@@ -208,7 +197,7 @@ def test_repair_recreates_a_missing_stub_and_removes_an_orphan(built,
 def test_repair_leaves_a_dangling_reference_to_a_person(built, tmp_path):
     paths, oids = built
     on_child(paths['c'], delete(oids['y']))
-    proc = _repair(_config(tmp_path, paths))
+    proc = _repair(config_file(tmp_path, paths))
     assert proc.returncode == 1
     assert 'left for you: dangling-reference' in proc.stdout
 
@@ -217,7 +206,7 @@ def test_repair_needs_the_storage_offline(built, tmp_path):
     paths, oids = built
     storage = open_composite(paths)          # a running writer
     try:
-        proc = _repair(_config(tmp_path, paths))
+        proc = _repair(config_file(tmp_path, paths))
     finally:
         storage.close()
     assert proc.returncode == 1
