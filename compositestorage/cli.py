@@ -658,19 +658,62 @@ def opened_composite(target, read_only=True, writer_of=None):
 
 # --- verify -------------------------------------------------------------------
 
+def _served(target):
+    """A read-only ZEO client for a ``zeo://`` target, else ``None``.
+
+    Through ZEO, ``verify`` and ``stats`` read what any client reads and
+    open nothing behind the server's back.
+    """
+    if not (_SCHEME_RE.match(target) and uri_scheme(target) == 'zeo'):
+        return None
+    from ZEO.Exceptions import ClientDisconnected
+    try:
+        client = storage_factory_from_uri(target)()
+    except ClientDisconnected as e:
+        raise CLIError('cannot reach the ZEO server of %s: %s' % (target, e))
+    served = ('compositestorage.interfaces', 'ICompositeStorage')
+    if served not in client._info.get('interfaces', ()):
+        client.close()
+        raise CLIError('the server at %s does not serve a composite' % target)
+    return client
+
+
+def _progress(args):
+    from compositestorage.progress import reporter
+    return reporter(quiet=getattr(args, 'quiet', False))
+
+
+def _interrupted(what):
+    print('%s: interrupted; %s' % (PROG, what), file=sys.stderr)
+    return 130
+
+
 def cmd_verify(args, out=None):
     out = out or sys.stdout
     from compositestorage.verify import verify
-    with opened_composite(args.target) as storage:
-        problems, counts = verify(storage)
+    from compositestorage.verify import verify_served
+    try:
+        client = _served(args.target)
+        if client is not None:
+            try:
+                problems, counts = verify_served(client, _progress(args))
+            finally:
+                client.close()
+        else:
+            with opened_composite(args.target) as storage:
+                problems, counts = verify(storage, _progress(args))
+    except KeyboardInterrupt:
+        return _interrupted('verify only reads: nothing was changed')
     if args.json:
         print(json.dumps({'ok': not problems, 'partitions': counts,
                           'problems': [p.as_dict() for p in problems]},
                          indent=2, sort_keys=True), file=out)
     else:
         for name, count in counts.items():
-            print('%s: %d objects, %d stubs' % (
-                name, count['objects'], count['stubs']), file=out)
+            print('%s: %d objects, %s stubs' % (
+                name, count['objects'],
+                'unknown' if count['stubs'] is None else count['stubs']),
+                file=out)
         for problem in problems:
             print(problem, file=out)
         print('%d problem(s)' % len(problems) if problems else 'ok',
@@ -684,8 +727,19 @@ def cmd_stats(args, out=None):
     out = out or sys.stdout
     from compositestorage.stats import format_stats
     from compositestorage.stats import stats
-    with opened_composite(args.target) as storage:
-        report = stats(storage, args.top)
+    from compositestorage.stats import stats_served
+    try:
+        client = _served(args.target)
+        if client is not None:
+            try:
+                report = stats_served(client, args.top, _progress(args))
+            finally:
+                client.close()
+        else:
+            with opened_composite(args.target) as storage:
+                report = stats(storage, args.top, _progress(args))
+    except KeyboardInterrupt:
+        return _interrupted('stats only reads: nothing was changed')
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True), file=out)
     else:
@@ -724,7 +778,17 @@ def cmd_pack(args, out=None):
             storage.getName(), time.strftime(
                 '%Y-%m-%d %H:%M:%S UTC', time.gmtime(pack_time))),
             file=out, flush=True)
-        storage.pack(pack_time, referencesf)
+        try:
+            if composite:
+                storage.pack(pack_time, referencesf,
+                             progress=_progress(args))
+            else:
+                storage.pack(pack_time, referencesf)
+        except KeyboardInterrupt as e:
+            return _interrupted(
+                e.args[0] if e.args else
+                'the server goes on packing' if not composite else
+                'during the mark, before anything was removed')
         after = _sizes(storage) if composite else None
     finally:
         storage.close()
@@ -888,6 +952,10 @@ def make_parser():
              'info)')
     verify.add_argument('--json', action='store_true',
                         help='print the report as one JSON object')
+    verify.add_argument('-q', '--quiet', action='store_true',
+                        help='show no progress (progress goes to stderr: a '
+                             'bar on a terminal, a line every few seconds '
+                             'elsewhere)')
     verify.set_defaults(func=cmd_verify)
 
     stats = sub.add_parser(
@@ -904,6 +972,10 @@ def make_parser():
                        help='how many classes to show (default 10)')
     stats.add_argument('--json', action='store_true',
                        help='print the same as one JSON object')
+    stats.add_argument('-q', '--quiet', action='store_true',
+                        help='show no progress (progress goes to stderr: a '
+                             'bar on a terminal, a line every few seconds '
+                             'elsewhere)')
     stats.set_defaults(func=cmd_stats)
 
     pack = sub.add_parser(
@@ -920,6 +992,10 @@ def make_parser():
     pack.add_argument('--days', type=float, default=0.0,
                       help='keep the history of the last DAYS days '
                            '(default 0: pack to now)')
+    pack.add_argument('-q', '--quiet', action='store_true',
+                        help='show no progress (progress goes to stderr: a '
+                             'bar on a terminal, a line every few seconds '
+                             'elsewhere)')
     pack.set_defaults(func=cmd_pack)
 
     repair = sub.add_parser(

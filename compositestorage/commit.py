@@ -15,6 +15,7 @@ journal before the first child finishes (see :mod:`compositestorage.journal`
 and :mod:`compositestorage.recovery`); one with a single participant pays
 nothing beyond that child's own commit.
 """
+import contextlib
 import logging
 import threading
 
@@ -97,6 +98,29 @@ class Coordinator:
         self.pending_init = {}
         #: new tids go above this one too: a tid taken back is not reused
         self.tid_floor = z64
+        #: how many packs are running (see ``packing``)
+        self.packs = 0
+
+    @contextlib.contextmanager
+    def packing(self):
+        """Mark a pack as running, for as long as the block lasts.
+
+        A pack's mark decides which stubs each child keeps; a commit that
+        refers through a stub afterwards could lose it to the sweep.  So
+        while a pack runs, ``write_stubs`` writes every stub a transaction
+        refers through again, after the pack time, where the children's
+        packers copy it.  On entry this waits for the transaction being
+        committed, if any: it decided on its stubs before the pack began.
+        """
+        with self._lock:
+            self.packs += 1
+        try:
+            with self._commit_lock:
+                pass
+            yield
+        finally:
+            with self._lock:
+                self.packs -= 1
 
     # --- phase one ----------------------------------------------------------
 
@@ -150,19 +174,23 @@ class Coordinator:
         """Store every stub the transaction needs and its child lacks."""
         storage = self._storage
         new_data = state.new_data
+        packing = self.packs
         for part, oids in state.stubs_needed.items():
             for oid in sorted(oids):
-                if oid in part.stubs:
+                if oid in part.stubs and not packing:
                     continue
                 if oid in new_data:
                     # a new object: no stub for it can exist yet
                     serial = z64
+                    klass = None
                 else:
-                    if self.committed_stub(part, oid) is not None:
+                    committed = self.committed_stub(part, oid)
+                    if committed is not None and not packing:
                         continue
+                    klass = committed[0] if committed else None
                     serial = part.current_serial(oid) or z64
                 home = storage.partition_for(oid, 'reference')
-                klass = state.hints.get(oid) or self._class_of(
+                klass = state.hints.get(oid) or klass or self._class_of(
                     home, oid, state.data_of(oid))
                 txn = self.begin(state, part)
                 part.storage.store(oid, serial,

@@ -1,4 +1,5 @@
-"""Named points of the commit protocol and of recovery, for fault injection.
+"""Named points of the commit protocol, recovery and pack, for fault
+injection.
 
 Tests set :data:`hook` to a callable that gets each point's name as the
 code passes it, and may kill the process there (``kill -9`` of itself) or

@@ -4,20 +4,39 @@ A child must never garbage-collect on its own (DESIGN.md, invariant 7): an
 object in B that only A references looks like garbage to B alone.  So the
 composite marks first, from the root and across stubs, with FileStorage's
 semantics for the pack time: keep what is reachable at the pack time, plus
-everything written later and what that references.  Then each child packs
-with the mark's verdict:
+everything written later and what that references.  The mark's verdict is,
+for each child, the complete set of oids it keeps: its own reachable
+objects, the stubs their references go through, the root stub and the
+partition map.  Then each child packs with that verdict:
 
-* a FileStorage child runs its own packer, with every globally reachable
-  oid of its partition added to its GC roots.  It removes the rest,
-  unreferenced stubs included, and the blobs that go with them;
+* a FileStorage child runs its own packer, whose GC takes the verdict as
+  its reachable set instead of walking the child again (the walk would
+  find the same records and cost as much as the mark).  It removes the
+  rest, unreferenced stubs included, and the blobs that go with them;
 * any other child packs with ``gc=False``: old revisions go, but garbage
   stays until that child type learns to take roots (documented).
 
-The mark keeps oids in an ``fsIndex``, not a Python set, so its memory stays
-near 8 bytes an oid.
+Memory stays bounded: the verdicts are ``fsIndex`` objects (compact
+B-trees of 8-byte oids, about 10 bytes an oid), never Python sets or
+lists of every oid, and the walk's work list holds only the frontier.
+
+Commits go on while a pack runs.  Records written after the pack time are
+copied by the children's packers, so what a commit writes is never lost;
+what it refers to was reachable at the pack time or is new.  The one gap is
+a stub: a commit may refer through a stub that the verdict, taken earlier,
+did not keep.  So while a pack runs, the commit coordinator writes such
+stubs again in the committing transaction (see ``Coordinator.packing``).
+
+A Ctrl-C (``KeyboardInterrupt``) during the mark leaves every child as it
+was.  Once the sweep has begun, the partitions must all be swept, or the
+garbage of one would refer to the collected garbage of another: an
+interrupt there is held back until the last child is packed, then raised.
 """
+import contextlib
 import inspect
 import logging
+import signal
+import threading
 import time
 
 from persistent.TimeStamp import TimeStamp
@@ -25,12 +44,17 @@ from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage import fspack
 from ZODB.fsIndex import fsIndex
 from ZODB.POSException import POSKeyError
+from ZODB.POSException import StorageError
 from ZODB.serialize import referencesf
 from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
+from compositestorage.errors import oid_hex
+from compositestorage.faults import point as fault_point
+from compositestorage.progress import quiet
 from compositestorage.references import strong_and_weak_oids
+from compositestorage.verify import estimate
 
 logger = logging.getLogger(__name__)
 
@@ -39,24 +63,86 @@ def pack_tid(t):
     return TimeStamp(*time.gmtime(t)[:5] + (t % 60,)).raw()
 
 
-def pack(storage, t, gc=True):
-    """Pack every partition to time ``t``, collecting garbage globally."""
+def pack(storage, t, gc=True, progress=None):
+    """Pack every partition to time ``t``, collecting garbage globally.
+
+    ``progress``, if given, is a factory as :func:`compositestorage.progress.
+    reporter` returns: called with a stage, a total and a unit, it returns
+    an object with ``update(n)`` and ``close()``.  The stages are the mark
+    (objects, out of about the number of records) and the sweep
+    (partitions).
+    """
+    progress = progress or quiet
     if not gc:
         for part in storage.partitions:
             part.storage.pack(t, referencesf, gc=False)
         return
-    roots = mark(storage, pack_tid(t))
-    for part in storage.partitions:
-        sweep(part, t, roots[part])
-        part.stubs.clear()
+    with storage._coordinator.packing():
+        keep = mark(storage, pack_tid(t), progress)
+        shown = progress('pack: sweep', len(storage.partitions), 'partitions')
+        try:
+            with interrupts_held_back():
+                for part in storage.partitions:
+                    sweep(part, t, keep.pop(part))
+                    part.stubs.clear()
+                    shown.update(1)
+                    fault_point('pack', 'swept', part.name)
+        finally:
+            shown.close()
 
 
-def mark(storage, stop):
-    """The GC roots each child needs so that it keeps what is reachable."""
+@contextlib.contextmanager
+def interrupts_held_back():
+    """Hold a SIGINT back until the block ends, then raise it.
+
+    Only the main thread receives signals; elsewhere (a ZEO server packs
+    in a thread) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def note(signum, frame):
+        if not caught:
+            logger.warning('pack: interrupt noted; finishing the sweep of '
+                           'every partition first, so that they agree')
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt('the pack finished sweeping every partition '
+                                'before it stopped')
+
+
+def _references(part, oid, data):
+    """A record's references; a record that cannot be read stops the pack
+    before anything is removed, since what it refers to is unknown."""
+    try:
+        return strong_and_weak_oids(data, strict=True)
+    except Exception as e:
+        raise StorageError(
+            'pack: cannot read the references of oid %s in partition %r '
+            '(%s: %s); nothing was packed.  Run "compositestorage verify" '
+            'and repair or remove that record first'
+            % (oid_hex(oid), part.name, type(e).__name__, e)) from e
+
+
+def mark(storage, stop, progress=None):
+    """``{partition: fsIndex}``: every oid each child must keep."""
+    progress = progress or quiet
     limit = p64(u64(stop) + 1)
     by_prefix = {p.prefix: p for p in storage.partitions}
-    roots = {p: [z64, p.map_oid] for p in storage.partitions}
-    reachable = fsIndex()
+    keep = {}
+    for p in storage.partitions:
+        keep[p] = verdict = fsIndex()
+        verdict[p.map_oid] = 1
+        if p.prefix != 0:
+            verdict[z64] = 1        # a secondary's root stub
     todo = [z64]
 
     # Records written after the pack time stay (the child's packer copies
@@ -64,68 +150,100 @@ def mark(storage, stop):
     # revision; unlike FileStorage, what they refer to stays too, so a
     # late reference into another partition never dangles.
     for part in storage.partitions:
+        verdict = keep[part]
         it = part.storage.iterator(limit)
         try:
             for txn in it:
                 for r in txn:
                     if not r.data:
                         continue
-                    strong, weak = strong_and_weak_oids(r.data)
+                    strong, weak = _references(part, r.oid, r.data)
                     todo.extend(strong)
-                    roots[part].extend(
-                        oid for oid in strong + weak
-                        if oid[0] != part.prefix)
+                    for oid in strong + weak:
+                        if oid[0] != part.prefix:
+                            verdict[oid] = 1
         finally:
             getattr(it, 'close', lambda: None)()
 
-    weak_stubs = {p: [] for p in storage.partitions}
-    while todo:
-        oid = todo.pop()
-        if oid in reachable:
-            continue
-        part = by_prefix.get(oid[0])
-        if part is None:
-            logger.warning('pack: oid %s has no partition; skipped',
-                           oid.hex())
-            continue
-        reachable[oid] = 1
-        roots[part].append(oid)
-        try:
-            r = part.storage.loadBefore(oid, limit)
-        except POSKeyError:
-            continue
-        if not r or not r[0]:
-            continue
-        strong, weak = strong_and_weak_oids(r[0])
-        todo.extend(o for o in strong if o not in reachable)
-        weak_stubs[part].extend(o for o in weak if o[0] != part.prefix)
+    # Weak references to other partitions, kept while their target lives.
+    weak_stubs = {p: fsIndex() for p in storage.partitions}
+    shown = progress('pack: mark', estimate(storage), 'objects')
+    marked = 0
+    fault_point('pack', 'marking')
+    try:
+        while todo:
+            oid = todo.pop()
+            part = by_prefix.get(oid[0])
+            if part is None:
+                logger.warning('pack: oid %s has no partition; skipped',
+                               oid.hex())
+                continue
+            own = keep[part]
+            if oid in own:
+                continue
+            own[oid] = 1
+            marked += 1
+            if not marked % 1000:
+                shown.update(1000)
+            try:
+                r = part.storage.loadBefore(oid, limit)
+            except POSKeyError:
+                continue
+            if not r or not r[0]:
+                continue
+            strong, weak = _references(part, oid, r[0])
+            for ref in strong:
+                if ref[0] != part.prefix:
+                    own[ref] = 1                # its stub in this child
+                home = by_prefix.get(ref[0])
+                if home is None or ref not in keep[home]:
+                    todo.append(ref)
+            for ref in weak:
+                if ref[0] != part.prefix:
+                    weak_stubs[part][ref] = 1
+        shown.update(marked % 1000)
+    finally:
+        shown.close()
 
     # A weak reference keeps nothing alive, but while its target lives, the
     # stub it goes through stays, so the child remains self-contained.
     for part, oids in weak_stubs.items():
-        roots[part].extend(oid for oid in oids if oid in reachable)
-    return roots
+        own = keep[part]
+        for oid in oids.keys():
+            home = by_prefix.get(oid[0])
+            if home is not None and oid in keep[home]:
+                own[oid] = 1
+    return keep
 
 
-class _RootedGC(fspack.GC):
-    """FileStorage's GC, with the composite's mark as extra roots."""
+class _MarkedGC(fspack.GC):
+    """FileStorage's GC, taking the composite's mark as its reachable set.
 
-    extra_roots = ()
+    Its first walk (from the root, at the pack time) is replaced by the
+    verdict; later walks, from revisions that records after the pack time
+    point back to, run as FileStorage runs them.
+    """
+
+    verdict = None
 
     def findReachableAtPacktime(self, roots):
-        extra, self.extra_roots = self.extra_roots, ()
-        if extra:
-            known = self.oid2curpos
-            roots = list(roots) + [oid for oid in extra if oid in known]
-        fspack.GC.findReachableAtPacktime(self, roots)
+        verdict, self.verdict = self.verdict, None
+        if verdict is None:
+            return fspack.GC.findReachableAtPacktime(self, roots)
+        reachable = self.reachable
+        current = self.oid2curpos
+        for oid in verdict.keys():
+            pos = current.get(oid)
+            if pos is not None:
+                reachable[oid] = pos
 
 
-def _rooted_packer(extra_roots):
+def _marked_packer(verdict):
     def packer(storage, referencesf, stop, gc):
         p = fspack.FileStoragePacker(storage, referencesf, stop, gc)
         try:
-            p.gc.__class__ = _RootedGC
-            p.gc.extra_roots = extra_roots
+            p.gc.__class__ = _MarkedGC
+            p.gc.verdict = verdict
             opos = p.pack()
             if opos is None:
                 return None
@@ -142,13 +260,13 @@ def _takes_gc(pack):
         return False
 
 
-def sweep(part, t, roots):
+def sweep(part, t, verdict):
     child = part.storage
     base = part.base
     if isinstance(base, FileStorage):
         missing = object()
         previous = base.__dict__.get('packer', missing)
-        base.packer = _rooted_packer(roots)
+        base.packer = _marked_packer(verdict)
         try:
             if base is child:
                 child.pack(t, referencesf, gc=True)

@@ -368,13 +368,19 @@ def _restoration(header):
     return None
 
 
-def strong_and_weak_oids(data):
-    """Every oid a record refers to in this database: ``(strong, weak)``."""
+def strong_and_weak_oids(data, strict=False):
+    """Every oid a record refers to in this database: ``(strong, weak)``.
+
+    A record that cannot be read refers to nothing, unless ``strict``:
+    then the unpickler's error is raised.
+    """
     strong = []
     weak = []
     try:
         refs = persistent_ids(data)
     except Exception:
+        if strict:
+            raise
         return strong, weak
     for ref in refs:
         if isinstance(ref, tuple):

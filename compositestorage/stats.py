@@ -4,62 +4,130 @@
 returns, for each partition, its object count and bytes, its stub count,
 and its top classes by count and by bytes; and the cross-partition
 references as a matrix: how many references from objects in one partition
-to objects in each other partition.
+to objects in each other partition.  Memory is a counter per class, not
+per object.
+
+``stats_served(client)`` does the same through a ZEO client of a server
+that serves a composite: it reads the composite's current records, as any
+ZEO client may, and opens nothing behind the server.  A client sees
+objects, not the children's records: stubs are not counted (``None``),
+bytes are the records as ZODB sees them (without the class hints that a
+child stores beside a cross-partition reference), and partitions are named
+by prefix (``prefix 1``).
 """
 import collections
 
 from compositestorage.partition import is_internal
+from compositestorage.progress import quiet
 from compositestorage.references import class_of
 from compositestorage.references import strong_and_weak_oids
 from compositestorage.verify import current_records
+from compositestorage.verify import estimate
+from compositestorage.verify import served_name
 
 
-def stats(storage, top=10):
-    by_prefix = {p.prefix: p for p in storage.partitions}
-    partitions = {}
-    edges = {p.name: {q.name: 0 for q in storage.partitions if q is not p}
-             for p in storage.partitions}
-    for part in storage.partitions:
-        count = collections.Counter()
-        size = collections.Counter()
-        objects = total = stubs = 0
-        row = edges[part.name]
-        for oid, _, data in current_records(part.base):
-            if oid[0] != part.prefix:
-                stubs += 1
-                continue
-            if is_internal(oid, part.prefix):
-                continue
-            objects += 1
-            total += len(data)
-            klass = class_of(data)
-            name = '%s.%s' % klass if klass else '?'
-            count[name] += 1
-            size[name] += len(data)
-            strong, weak = strong_and_weak_oids(data)
-            for ref in strong + weak:
-                home = by_prefix.get(ref[0])
-                if home is not None and home is not part:
-                    row[home.name] += 1
-        partitions[part.name] = {
-            'prefix': part.prefix, 'objects': objects, 'bytes': total,
-            'stubs': stubs,
-            'top_by_count': count.most_common(top),
-            'top_by_bytes': size.most_common(top)}
-    return {'partitions': partitions, 'edges': edges}
+class _Tally:
+
+    def __init__(self, names, top, stubs_known=True):
+        self.names = dict(names)        # prefix -> partition name
+        self.top = top
+        self.stubs_known = stubs_known
+        self.rows = {}
+        self.edges = collections.defaultdict(collections.Counter)
+        for prefix in self.names:
+            self._row(prefix)
+
+    def _row(self, prefix):
+        row = self.rows.get(prefix)
+        if row is None:
+            self.names.setdefault(prefix, served_name(prefix))
+            row = self.rows[prefix] = {
+                'objects': 0, 'bytes': 0,
+                'stubs': 0 if self.stubs_known else None,
+                'count': collections.Counter(),
+                'size': collections.Counter()}
+        return row
+
+    def stub(self, prefix):
+        self.rows[prefix]['stubs'] += 1
+
+    def record(self, oid, data):
+        prefix = oid[0]
+        row = self._row(prefix)
+        row['objects'] += 1
+        row['bytes'] += len(data)
+        klass = class_of(data)
+        name = '%s.%s' % klass if klass else '?'
+        row['count'][name] += 1
+        row['size'][name] += len(data)
+        strong, weak = strong_and_weak_oids(data)
+        edges = self.edges[prefix]
+        for ref in strong + weak:
+            if ref[0] != prefix:
+                edges[ref[0]] += 1
+
+    def report(self):
+        for targets in list(self.edges.values()):
+            for prefix in targets:
+                self._row(prefix)
+        order = sorted(self.rows)
+        names = self.names
+        partitions = {}
+        for prefix in order:
+            row = self.rows[prefix]
+            partitions[names[prefix]] = {
+                'prefix': prefix, 'objects': row['objects'],
+                'bytes': row['bytes'], 'stubs': row['stubs'],
+                'top_by_count': row['count'].most_common(self.top),
+                'top_by_bytes': row['size'].most_common(self.top)}
+        edges = {names[p]: {names[q]: self.edges[p][q]
+                            for q in order if q != p}
+                 for p in order}
+        return {'partitions': partitions, 'edges': edges}
+
+
+def stats(storage, top=10, progress=None):
+    """The report of a composite opened here (its children readable)."""
+    tally = _Tally({p.prefix: p.name for p in storage.partitions}, top)
+    shown = (progress or quiet)('stats', estimate(storage), 'records')
+    try:
+        for part in storage.partitions:
+            for oid, _, data in current_records(part.base):
+                shown.update(1)
+                if oid[0] != part.prefix:
+                    tally.stub(part.prefix)
+                elif not is_internal(oid, part.prefix):
+                    tally.record(oid, data)
+    finally:
+        shown.close()
+    return tally.report()
+
+
+def stats_served(client, top=10, progress=None):
+    """The report of the composite a ZEO ``client`` is connected to."""
+    tally = _Tally({}, top, stubs_known=False)
+    shown = (progress or quiet)('stats', len(client) or None, 'objects')
+    try:
+        for oid, _, data in current_records(client):
+            shown.update(1)
+            tally.record(oid, data)
+    finally:
+        shown.close()
+    return tally.report()
 
 
 def format_stats(report):
     lines = []
     for name, p in report['partitions'].items():
-        lines.append('%s (prefix %d): %d objects, %d bytes, %d stubs' % (
-            name, p['prefix'], p['objects'], p['bytes'], p['stubs']))
+        lines.append('%s (prefix %d): %d objects, %d bytes, %s stubs' % (
+            name, p['prefix'], p['objects'], p['bytes'],
+            'unknown' if p['stubs'] is None else p['stubs']))
         lines.append('  by count: ' + ', '.join(
             '%s %d' % item for item in p['top_by_count']))
         lines.append('  by bytes: ' + ', '.join(
             '%s %d' % item for item in p['top_by_bytes']))
     names = list(report['partitions'])
-    width = max(len(n) for n in names) + 2
+    width = max([len(n) for n in names] + [8]) + 2
     lines.append('cross-partition references (row: from, column: to):')
     lines.append(' ' * width + ''.join('%*s' % (width, n) for n in names))
     for name in names:

@@ -37,6 +37,7 @@ from compositestorage.journal import lock_writer
 from compositestorage.journal import open_journal
 from compositestorage.errors import oid_hex
 from compositestorage.partition import MAP_SUFFIX
+from compositestorage.interfaces import ICompositeStorage
 from compositestorage.partition import Partition
 from compositestorage.partition import is_internal
 from compositestorage.partition import check_foreign_records
@@ -60,6 +61,7 @@ _stub_search = re.compile(re.escape(STUB_MARK)).search
 ROOT_CLASS = ('persistent.mapping', 'PersistentMapping')
 
 
+@zope.interface.implementer(ICompositeStorage)
 class CompositeStorage(blobs.BlobMethods):
     """One ZODB storage made of several child storages, called partitions.
 
@@ -516,14 +518,16 @@ class CompositeStorage(blobs.BlobMethods):
     def copyTransactionsFrom(self, other):
         iteration.copy_transactions(other, self)
 
-    def pack(self, t, referencesf=None, gc=None):
+    def pack(self, t, referencesf=None, gc=None, progress=None):
         """Pack every partition to ``t``; see :mod:`compositestorage.gc`.
 
         ``referencesf`` is ignored: the composite finds references itself.
+        ``progress`` is a progress factory (:mod:`compositestorage.progress`).
         """
         if self._read_only:
             raise POSException.ReadOnlyError()
-        return global_gc.pack(self, t, self._pack_gc if gc is None else gc)
+        return global_gc.pack(self, t, self._pack_gc if gc is None else gc,
+                              progress)
 
     def __repr__(self):
         return '<CompositeStorage %s>' % self.__name__

@@ -29,6 +29,7 @@ Weak references that dangle are not problems (ZODB allows them), but a
 weak reference to another partition needs its stub like any other.
 """
 from ZODB.FileStorage import FileStorage
+from ZODB.fsIndex import fsIndex
 from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
@@ -38,6 +39,7 @@ from ZODB.utils import z64
 from compositestorage.errors import CorruptStubError
 from compositestorage.errors import oid_hex
 from compositestorage.partition import is_internal
+from compositestorage.progress import quiet
 from compositestorage.references import class_of
 from compositestorage.references import strong_and_weak_oids
 from compositestorage.stubs import read_stub
@@ -105,73 +107,131 @@ def _klass(data):
     return '%s.%s' % klass if klass else None
 
 
-def verify(storage):
+def estimate(storage):
+    """How many records the children of ``storage`` hold, or ``None``."""
+    total = 0
+    for part in storage.partitions:
+        try:
+            total += len(part.base)
+        except Exception:
+            return None
+    return total
+
+
+def verify(storage, progress=None):
     """``(problems, counts)``: every :class:`Problem`, and how many records
-    each partition holds (objects and stubs)."""
+    each partition holds (objects and stubs).
+
+    Two passes over each child's current records keep memory bounded: the
+    first notes every oid in ``fsIndex`` sets (compact B-trees, about ten
+    bytes an oid) and checks each stub's own record; the second checks
+    every reference against those sets.  Nothing else is kept per record.
+    """
+    progress = progress or quiet
     partitions = storage.partitions
     by_prefix = {p.prefix: p for p in partitions}
     problems = []
     counts = {}
-    own = {}            # prefix -> set of the oids of its own objects
-    stubs = {}          # prefix -> {oid: data} of its foreign records
-    refs = {}           # prefix -> [(referrer, oid, weak)]
-    for part in partitions:
-        own[part.prefix] = mine = set()
-        stubs[part.prefix] = foreign = {}
-        refs[part.prefix] = found = []
-        n_own = 0
-        for oid, _, data in current_records(part.base):
-            if oid[0] == part.prefix:
-                if is_internal(oid, part.prefix):
-                    continue            # the partition map
-                mine.add(oid)
-                n_own += 1
-                strong, weak = strong_and_weak_oids(data)
-                found.extend((oid, ref, False) for ref in strong)
-                found.extend((oid, ref, True) for ref in weak)
-            else:
-                foreign[oid] = data
-        counts[part.name] = {'objects': n_own, 'stubs': len(foreign)}
+    own = {}            # prefix -> fsIndex: the oids of its own objects
+    stubs = {}          # prefix -> fsIndex: foreign oid -> 1 if stub is sound
+    total = estimate(storage)
 
-    for part in partitions:
-        prefix = part.prefix
-        referred = set()
-        for referrer, oid, weak in refs[prefix]:
-            home = by_prefix.get(oid[0])
-            if home is None:
-                problems.append(Problem(
-                    'unknown-partition', part.name, oid, None, referrer,
-                    part.name, 'no partition has prefix %d' % oid[0]))
-                continue
-            if home is part:
-                if not weak and oid not in own[prefix]:
-                    problems.append(Problem(
-                        'dangling-reference', part.name, oid, None,
-                        referrer, part.name, 'no such object'))
-                continue
-            referred.add(oid)
-            if oid not in stubs[prefix]:
-                problems.append(Problem(
-                    'missing-stub', part.name, oid, None, referrer,
-                    part.name, 'the object lives in %r' % home.name))
-            if not weak and oid not in own[home.prefix]:
-                problems.append(Problem(
-                    'dangling-reference', home.name, oid, None, referrer,
-                    part.name, 'no such object in its home partition'))
-        if prefix != 0:
-            referred.add(z64)           # the root stub is always needed
-            if z64 not in stubs[prefix]:
-                problems.append(Problem(
-                    'missing-stub', part.name, z64, None, None, None,
-                    'a secondary child needs the root stub at z64'))
-        for oid, data in sorted(stubs[prefix].items()):
-            problems.extend(_check_stub(part, oid, data, by_prefix, own,
-                                        referred))
+    shown = progress('verify: records', total, 'records')
+    try:
+        for part in partitions:
+            own[part.prefix] = mine = fsIndex()
+            stubs[part.prefix] = foreign = fsIndex()
+            n_own = n_stubs = 0
+            for oid, _, data in current_records(part.base):
+                shown.update(1)
+                if oid[0] == part.prefix:
+                    if is_internal(oid, part.prefix):
+                        continue            # the partition map
+                    mine[oid] = 1
+                    n_own += 1
+                else:
+                    n_stubs += 1
+                    found = list(_check_stub_record(part, oid, data,
+                                                    by_prefix))
+                    problems.extend(found)
+                    foreign[oid] = 0 if found else 1
+            counts[part.name] = {'objects': n_own, 'stubs': n_stubs}
+    finally:
+        shown.close()
+
+    shown = progress('verify: references', total, 'records')
+    try:
+        for part in partitions:
+            problems.extend(_check_references(part, by_prefix, own, stubs,
+                                              shown))
+    finally:
+        shown.close()
     problems.extend(_check_maps(storage))
     return problems, counts
 
 
-def _check_stub(part, oid, data, by_prefix, own, referred):
+def _check_references(part, by_prefix, own, stubs, shown):
+    prefix = part.prefix
+    foreign = stubs[prefix]
+    referred = fsIndex()
+    for referrer, _, data in current_records(part.base):
+        shown.update(1)
+        if is_internal(referrer, prefix):
+            continue
+        strong, weak = strong_and_weak_oids(data)
+        for oid, is_weak in [(o, False) for o in strong] + \
+                [(o, True) for o in weak]:
+            home = by_prefix.get(oid[0])
+            if home is None:
+                yield Problem(
+                    'unknown-partition', part.name, oid, None, referrer,
+                    part.name, 'no partition has prefix %d' % oid[0])
+                continue
+            if home is part:
+                if not is_weak and oid not in own[prefix]:
+                    yield Problem('dangling-reference', part.name, oid,
+                                  None, referrer, part.name,
+                                  'no such object')
+                continue
+            referred[oid] = 1
+            if oid not in foreign:
+                yield Problem('missing-stub', part.name, oid, None,
+                              referrer, part.name,
+                              'the object lives in %r' % home.name)
+            if not is_weak and oid not in own[home.prefix]:
+                yield Problem('dangling-reference', home.name, oid, None,
+                              referrer, part.name,
+                              'no such object in its home partition')
+    if prefix != 0:
+        referred[z64] = 1               # the root stub is always needed
+        if z64 not in foreign:
+            yield Problem('missing-stub', part.name, z64, None, None, None,
+                          'a secondary child needs the root stub at z64')
+    for oid, sound in foreign.items():
+        if not sound:
+            continue                    # reported in the first pass
+        home = by_prefix[oid[0]]
+        if oid not in own[home.prefix]:
+            yield Problem('stub-target-missing', part.name, oid,
+                          _stub_class(part, oid),
+                          detail='%r holds no such object' % home.name)
+        if oid not in referred:
+            yield Problem('orphan-stub', part.name, oid,
+                          _stub_class(part, oid),
+                          detail='no record of %r refers to it' % part.name)
+
+
+def _stub_class(part, oid):
+    try:
+        data = part.base.load(oid)[0]
+        klass = read_stub(data, part.name, oid)[1]
+    except Exception:
+        return None
+    return '%s.%s' % klass if klass else None
+
+
+def _check_stub_record(part, oid, data, by_prefix):
+    """The problems of the record at foreign ``oid`` itself."""
     home = by_prefix.get(oid[0])
     try:
         home_name, klass = read_stub(data, part.name, oid)
@@ -185,17 +245,64 @@ def _check_stub(part, oid, data, by_prefix, own, referred):
             yield Problem('corrupt-stub', part.name, oid, _klass(data),
                           detail=str(e))
         return
-    klass = '%s.%s' % klass if klass else None
     if home is None or home_name != home.name:
-        yield Problem('corrupt-stub', part.name, oid, klass,
+        yield Problem('corrupt-stub', part.name, oid,
+                      '%s.%s' % klass if klass else None,
                       detail='it names %r as the home partition' % home_name)
-        return
-    if oid not in own[home.prefix]:
-        yield Problem('stub-target-missing', part.name, oid, klass,
-                      detail='%r holds no such object' % home.name)
-    if oid not in referred:
-        yield Problem('orphan-stub', part.name, oid, klass,
-                      detail='no record of %r refers to it' % part.name)
+
+
+def served_name(prefix):
+    """How a partition is named where only its prefix is known: a ZEO
+    client sees the composite's objects, not its configuration."""
+    return 'prefix %d' % prefix
+
+
+def verify_served(client, progress=None):
+    """``(problems, counts)`` for the composite a ZEO ``client`` reads.
+
+    A client sees objects, not the children's records, so this checks what
+    ZODB sees: that every object's strong references resolve, and that no
+    stub shows through as an object.  Stubs, maps and self-containment are
+    checked by :func:`verify` on the configuration, beside the server (read
+    only) or offline.  Partitions are named by prefix.  Memory is an
+    ``fsIndex`` of the oids, as in :func:`verify`.
+    """
+    progress = progress or quiet
+    total = len(client) or None
+    own = {}
+    counts = {}
+    problems = []
+    shown = progress('verify: objects', total, 'objects')
+    try:
+        for oid, _, data in current_records(client):
+            shown.update(1)
+            prefix = oid[0]
+            if prefix not in own:
+                own[prefix] = fsIndex()
+                counts[served_name(prefix)] = {'objects': 0, 'stubs': None}
+            own[prefix][oid] = 1
+            counts[served_name(prefix)]['objects'] += 1
+            klass = _klass(data)
+            if klass and 'PartitionStub' in klass:
+                problems.append(Problem(
+                    'corrupt-stub', served_name(prefix), oid, klass,
+                    detail='a stub shows through as an object'))
+    finally:
+        shown.close()
+    shown = progress('verify: references', total, 'objects')
+    try:
+        for referrer, _, data in current_records(client):
+            shown.update(1)
+            for oid in strong_and_weak_oids(data)[0]:
+                if oid not in own.get(oid[0], ()):
+                    problems.append(Problem(
+                        'dangling-reference', served_name(oid[0]), oid,
+                        None, referrer, served_name(referrer[0]),
+                        'no such object'))
+    finally:
+        shown.close()
+    return problems, {served_name(p): counts[served_name(p)]
+                      for p in sorted(own)}
 
 
 def _check_maps(storage):

@@ -4,6 +4,12 @@ Everything here uses real parts: real ``FileStorage`` files in pytest's
 ``tmp_path``, real ``ZODB.DB`` objects and real transactions.
 """
 import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 import transaction
@@ -318,3 +324,69 @@ def unpickle_record(data):
     from ZODB._compat import PersistentUnpickler
     u = PersistentUnpickler(None, lambda pid: ('pid', pid), io.BytesIO(data))
     return u.load(), u.load()
+
+
+#: ``python -m compositestorage``, and how long a test waits for it.
+CLI = [sys.executable, '-m', 'compositestorage']
+TIMEOUT = 60
+
+
+# --- a served composite ----------------------------------------------------------
+
+class Served:
+    """``compositestorage serve ...`` in a subprocess of its own."""
+
+    def __init__(self, args, cwd, nparts):
+        self.log = open(os.path.join(cwd, 'serve.log'), 'w+')
+        self.proc = subprocess.Popen(
+            CLI + ['serve'] + list(args), cwd=cwd, stdout=subprocess.PIPE,
+            stderr=self.log, text=True)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        first = self.next_line()
+        m = re.fullmatch(r'serving compositestorage on ([\d.]+):(\d+)', first)
+        assert m, first
+        self.host, self.port = m.group(1), int(m.group(2))
+        self.partitions = [self.next_line() for _ in range(nparts)]
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip('\n'))
+        self.lines.put(None)
+
+    def next_line(self):
+        try:
+            line = self.lines.get(timeout=TIMEOUT)
+        except queue.Empty:
+            raise AssertionError('serve printed nothing: %s' % self.stderr())
+        assert line is not None, 'serve exited: %s' % self.stderr()
+        return line
+
+    def stderr(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=TIMEOUT)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=TIMEOUT)
+        self.proc.stdout.close()
+        self.log.close()
+
+
+@pytest.fixture
+def serving():
+    started = []
+
+    def start(args, cwd, nparts):
+        served = Served(args, str(cwd), nparts)
+        started.append(served)
+        return served
+    yield start
+    for served in started:
+        served.close()

@@ -7,13 +7,10 @@ FileStorage files written through a real composite.  No mocks.
 """
 import json
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
 import textwrap
-import threading
 
 import pytest
 import ZODB
@@ -28,8 +25,8 @@ from compositestorage import CompositeStorage
 
 from conftest import iter_current
 
-CLI = [sys.executable, '-m', 'compositestorage']
-TIMEOUT = 60
+from conftest import CLI
+from conftest import TIMEOUT
 THREE = (('main', 0), ('catalog', 1), ('archive', 2))
 
 
@@ -84,66 +81,7 @@ def write(path, text):
     return str(path)
 
 
-# --- a served composite and its clients ------------------------------------------
-
-class Served:
-    """``compositestorage serve ...`` in a subprocess of its own."""
-
-    def __init__(self, args, cwd, nparts):
-        self.log = open(os.path.join(cwd, 'serve.log'), 'w+')
-        self.proc = subprocess.Popen(
-            CLI + ['serve'] + list(args), cwd=cwd, stdout=subprocess.PIPE,
-            stderr=self.log, text=True)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        first = self.next_line()
-        m = re.fullmatch(r'serving compositestorage on ([\d.]+):(\d+)', first)
-        assert m, first
-        self.host, self.port = m.group(1), int(m.group(2))
-        self.partitions = [self.next_line() for _ in range(nparts)]
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip('\n'))
-        self.lines.put(None)
-
-    def next_line(self):
-        try:
-            line = self.lines.get(timeout=TIMEOUT)
-        except queue.Empty:
-            raise AssertionError('serve printed nothing: %s' % self.stderr())
-        assert line is not None, 'serve exited: %s' % self.stderr()
-        return line
-
-    def stderr(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self, sig=signal.SIGTERM):
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=TIMEOUT)
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=TIMEOUT)
-        self.proc.stdout.close()
-        self.log.close()
-
-
-@pytest.fixture
-def serving():
-    started = []
-
-    def start(args, cwd, nparts):
-        served = Served(args, str(cwd), nparts)
-        started.append(served)
-        return served
-    yield start
-    for served in started:
-        served.close()
-
+# --- clients of a served composite ---------------------------------------------
 
 CLIENT = textwrap.dedent('''
     """A ZEO client driven over stdin: write KEY N | read KEY."""
