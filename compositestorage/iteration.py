@@ -259,9 +259,18 @@ def last_invalidations(storage, count):
 
 
 def copy_transactions(source, destination):
-    """``copyTransactionsFrom``: blobs included when both sides have them."""
-    if IBlobStorage.providedBy(destination) and \
-            IBlobStorage.providedBy(source):
+    """``copyTransactionsFrom``: blobs included when the destination has
+    them and the source can give them.
+
+    As with FileStorage, the source need not declare IBlobStorage: it only
+    has to answer ``loadBlob``, which is asked for blob records alone.  A
+    wrapper that forwards attributes but declares only IStorageIteration,
+    as zodbconvert's ``--incremental`` wraps its source, would otherwise
+    have its blob records copied without their blob files.
+    """
+    if IBlobStorage.providedBy(destination) and (
+            IBlobStorage.providedBy(source)
+            or getattr(source, 'loadBlob', None) is not None):
         from ZODB.blob import copyTransactionsFromTo
         copyTransactionsFromTo(source, destination)
     else:
