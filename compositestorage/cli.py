@@ -704,8 +704,9 @@ def cmd_verify(args, out=None):
                 problems, counts = verify(storage, _progress(args))
     except KeyboardInterrupt:
         return _interrupted('verify only reads: nothing was changed')
+    errors = [p for p in problems if args.strict or not p.garbage]
     if args.json:
-        print(json.dumps({'ok': not problems, 'partitions': counts,
+        print(json.dumps({'ok': not errors, 'partitions': counts,
                           'problems': [p.as_dict() for p in problems]},
                          indent=2, sort_keys=True), file=out)
     else:
@@ -716,9 +717,15 @@ def cmd_verify(args, out=None):
                 file=out)
         for problem in problems:
             print(problem, file=out)
-        print('%d problem(s)' % len(problems) if problems else 'ok',
-              file=out)
-    return 1 if problems else 0
+        garbage = len(problems) - len(errors)
+        if errors:
+            print('%d problem(s)' % len(errors), file=out)
+        elif garbage:
+            print('ok, with %d garbage record(s) that the next pack (or '
+                  'repair) removes' % garbage, file=out)
+        else:
+            print('ok', file=out)
+    return 1 if errors else 0
 
 
 # --- stats --------------------------------------------------------------------
@@ -945,13 +952,21 @@ def make_parser():
                     'agree.  Each problem names its kind, the partition, '
                     'the oid, the class and, for references, the referrer '
                     'and its partition.  Exit status 1 when anything is '
-                    'wrong.')
+                    'wrong.  Orphan stubs (left when a cross-partition '
+                    'reference is dropped, until the next pack) are garbage, '
+                    'not errors: listed, but exit status 0 unless --strict.  '
+                    'For a zeo:// URI it reads through the server what any '
+                    'client reads: every reference must resolve.')
     verify.add_argument(
         'target', metavar='CONFIG_OR_URI',
         help='a ZConfig file or a zodburi URI of the composite (as for '
              'info)')
     verify.add_argument('--json', action='store_true',
                         help='print the report as one JSON object')
+    verify.add_argument('--strict', action='store_true',
+                        help='count garbage (orphan stubs, and the missing '
+                             'targets of orphan stubs) as problems too: by '
+                             'default it is listed but exits 0')
     verify.add_argument('-q', '--quiet', action='store_true',
                         help='show no progress (progress goes to stderr: a '
                              'bar on a terminal, a line every few seconds '

@@ -102,6 +102,18 @@ class Coordinator:
         self.packs = 0
 
     @contextlib.contextmanager
+    def commits_held(self):
+        """No transaction commits while the block runs.
+
+        FileStorage's iterator, opened with a start tid while a child is
+        writing a transaction, finds the file's last transaction
+        incomplete and fails ("Can't find last transaction in large
+        file"); opened here, it sees only whole transactions.
+        """
+        with self._commit_lock:
+            yield
+
+    @contextlib.contextmanager
     def packing(self):
         """Mark a pack as running, for as long as the block lasts.
 
@@ -115,7 +127,7 @@ class Coordinator:
         with self._lock:
             self.packs += 1
         try:
-            with self._commit_lock:
+            with self.commits_held():
                 pass
             yield
         finally:

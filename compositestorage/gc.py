@@ -149,10 +149,12 @@ def mark(storage, stop, progress=None):
     # them).  As in FileStorage, that does not keep their own oid's older
     # revision; unlike FileStorage, what they refer to stays too, so a
     # late reference into another partition never dangles.
-    for part in storage.partitions:
-        verdict = keep[part]
-        it = part.storage.iterator(limit)
-        try:
+    with storage._coordinator.commits_held():
+        iterators = [(part, part.storage.iterator(limit))
+                     for part in storage.partitions]
+    try:
+        for part, it in iterators:
+            verdict = keep[part]
             for txn in it:
                 for r in txn:
                     if not r.data:
@@ -162,7 +164,8 @@ def mark(storage, stop, progress=None):
                     for oid in strong + weak:
                         if oid[0] != part.prefix:
                             verdict[oid] = 1
-        finally:
+    finally:
+        for _, it in iterators:
             getattr(it, 'close', lambda: None)()
 
     # Weak references to other partitions, kept while their target lives.

@@ -13,7 +13,9 @@ for references, the referrer and its partition:
 ``stub-target-missing``
     a stub stands for an object that its home partition does not hold;
 ``orphan-stub``
-    a stub that no record of its child refers to;
+    a stub that no record of its child refers to: garbage, left when a
+    reference is dropped or its referrer deleted, until a pack (or
+    ``repair``) removes it;
 ``corrupt-stub``
     a record at a foreign oid that is not a readable stub of the right home;
 ``foreign-object``
@@ -27,6 +29,11 @@ for references, the referrer and its partition:
 
 Weak references that dangle are not problems (ZODB allows them), but a
 weak reference to another partition needs its stub like any other.
+
+Garbage is reported but is not an error: an orphan stub, and the missing
+target of an orphan stub (its object was deleted, or its creation undone),
+are what normal use leaves behind until the next pack, as garbage objects
+are in any FileStorage.  Such problems have ``garbage`` set.
 """
 from ZODB.FileStorage import FileStorage
 from ZODB.fsIndex import fsIndex
@@ -49,8 +56,9 @@ class Problem:
     """One thing wrong, as ``verify`` reports it."""
 
     def __init__(self, kind, partition, oid, klass=None, referrer=None,
-                 referrer_partition=None, detail=''):
+                 referrer_partition=None, detail='', garbage=False):
         self.kind = kind
+        self.garbage = garbage
         self.partition = partition
         self.oid = oid
         self.klass = klass
@@ -65,7 +73,7 @@ class Problem:
                 'referrer': (oid_hex(self.referrer)
                              if self.referrer is not None else None),
                 'referrer_partition': self.referrer_partition,
-                'detail': self.detail}
+                'detail': self.detail, 'garbage': self.garbage}
 
     def __str__(self):
         text = '%s: partition %r, oid %s' % (
@@ -78,6 +86,8 @@ class Problem:
                 oid_hex(self.referrer), self.referrer_partition)
         if self.detail:
             text += ': ' + self.detail
+        if self.garbage:
+            text += ' (garbage: the next pack removes it)'
         return text
 
 
@@ -211,14 +221,17 @@ def _check_references(part, by_prefix, own, stubs, shown):
         if not sound:
             continue                    # reported in the first pass
         home = by_prefix[oid[0]]
+        orphan = oid not in referred
         if oid not in own[home.prefix]:
             yield Problem('stub-target-missing', part.name, oid,
                           _stub_class(part, oid),
-                          detail='%r holds no such object' % home.name)
-        if oid not in referred:
+                          detail='%r holds no such object' % home.name,
+                          garbage=orphan)
+        if orphan:
             yield Problem('orphan-stub', part.name, oid,
                           _stub_class(part, oid),
-                          detail='no record of %r refers to it' % part.name)
+                          detail='no record of %r refers to it' % part.name,
+                          garbage=True)
 
 
 def _stub_class(part, oid):

@@ -118,6 +118,39 @@ def test_an_orphan_stub(built):
     assert kinds(found) == [('orphan-stub', 'main')]
     assert found[0].oid == oids['x']
     assert found[0].klass == 'persistent.mapping.PersistentMapping'
+    assert found[0].garbage
+
+
+def test_garbage_is_listed_and_fails_only_strict(built, tmp_path):
+    paths, oids = built
+    db = ZODB.DB(open_composite(paths))
+    with db.transaction() as conn:
+        del conn.root()['holder']['x']      # the stub stays until a pack
+    db.close()
+    config = str(config_file(tmp_path, paths))
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, '-m', 'compositestorage', 'verify', '-q', config]
+            + list(args), capture_output=True, text=True, timeout=120)
+    proc = run()
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[-1] == ('ok, with 1 garbage record(s) that the next pack '
+                         '(or repair) removes')
+    assert any(line.startswith('orphan-stub: partition \'main\', oid 0x%s'
+                               % oids['x'].hex()) for line in lines)
+    strict = run('--strict')
+    assert strict.returncode == 1
+    assert strict.stdout.splitlines()[-1] == '1 problem(s)'
+    report = json.loads(run('--json').stdout)
+    assert report['ok'] is True
+    assert [p['garbage'] for p in report['problems']] == [True]
+    # a dangling reference is an error, garbage or not beside it
+    on_child(paths['c'], delete(oids['y']))
+    proc = run()
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[-1] == '2 problem(s)'
 
 
 def test_a_corrupt_stub_and_a_foreign_object(built):
