@@ -863,6 +863,25 @@ def cmd_recover(args, out=None):
     return 0
 
 
+# --- backup and restore ---------------------------------------------------------
+
+def cmd_backup(args, out=None):
+    out = out or sys.stdout
+    from compositestorage.backup import backup
+    report = backup(args.config, args.repository, full=args.full)
+    print('\n'.join(report.lines()), file=out)
+    return 0
+
+
+def cmd_restore(args, out=None):
+    out = out or sys.stdout
+    from compositestorage.backup import restore
+    report = restore(args.config, args.repository, force=args.force,
+                     dry_run=args.dry_run)
+    print('\n'.join(report.lines()), file=out)
+    return 1 if report.problems else 0
+
+
 # --- demo -------------------------------------------------------------------
 
 def cmd_demo(args, out=None):
@@ -1053,6 +1072,52 @@ def make_parser():
     recover.add_argument('--json', action='store_true',
                          help='print the report as one JSON object')
     recover.set_defaults(func=cmd_recover)
+
+    backup = sub.add_parser(
+        'backup', help='back up every partition with repozo, at one tid',
+        description='Open a composite read-only (beside its writer, if one '
+                    'runs), read T, its last transaction finished in every '
+                    'partition (the journal names one being finished), then '
+                    'back up each '
+                    'FileStorage child with repozo into REPOSITORY/<partition '
+                    'name>/ (incrementally when repozo can) and record T in '
+                    'REPOSITORY/composite-backup.json.  Every backup holds '
+                    'every transaction up to T, so "restore" can put all the '
+                    'partitions back at T.  Blobs are not backed up: copy the '
+                    'blob directory separately.')
+    backup.add_argument('config', metavar='CONFIG',
+                        help='the ZConfig file of the composite')
+    backup.add_argument('repository', metavar='REPOSITORY',
+                        help='an existing folder for the backups')
+    backup.add_argument('--full', action='store_true',
+                        help='make full backups (repozo -F), not '
+                             'incremental ones')
+    backup.set_defaults(func=cmd_backup)
+
+    restore = sub.add_parser(
+        'restore', help='restore every partition from repozo backups, at '
+                        'one tid',
+        description='Restore each partition with repozo from '
+                    'REPOSITORY/<partition name>/ into the path CONFIG gives '
+                    'it, cut every child back to the tid in '
+                    'REPOSITORY/composite-backup.json (or, for plain repozo '
+                    'backups without it, to the oldest common point: the '
+                    'smallest of the partitions\' last tids), then verify '
+                    'the composite.  Prints, per partition, the tid cut to '
+                    'and the transactions removed.  Exit status 1 when '
+                    'verify finds a problem.  Stop any writer first.')
+    restore.add_argument('config', metavar='CONFIG',
+                         help='the ZConfig file of the composite to restore')
+    restore.add_argument('repository', metavar='REPOSITORY',
+                         help='the folder "backup" (or repozo, one folder '
+                              'per partition) wrote')
+    restore.add_argument('--force', action='store_true',
+                         help='overwrite existing partition files (and '
+                              'remove their journal)')
+    restore.add_argument('--dry-run', action='store_true',
+                         help='only read the repository and show what '
+                              'would be done')
+    restore.set_defaults(func=cmd_restore)
 
     demo = sub.add_parser(
         'demo', help='commit a cross-partition reference into the embedded '

@@ -15,7 +15,9 @@ others.  Recovery compares it with the children:
 A child has the tid as its last transaction, because the coordinator is the
 only writer and commits one transaction at a time.  Rolling a FileStorage
 child back cuts its file at the start of that transaction, removes the
-transaction's blobs and rebuilds the index.  Each step is idempotent, and
+transaction's blobs and rebuilds the index (:func:`cut_filestorage`, which
+``compositestorage.backup`` uses too, to cut a restored child back to the
+tid of a backup).  Each step is idempotent, and
 the journal is cleared (durably) only after all of them, so a crash during
 recovery is recovered by the next one.
 
@@ -30,6 +32,7 @@ from ZODB.FileStorage.format import TRANS_HDR_LEN
 from ZODB.FileStorage.format import TxnHeaderFromString
 from ZODB.MappingStorage import MappingStorage
 from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
@@ -152,25 +155,83 @@ def _last_transaction(fs):
     FileStorage; ``(None, z64)`` for an empty one."""
     with fs._lock:
         end = fs._pos
-        if end <= 4:
+        if end <= FILE_HEADER_LEN:
             return None, z64
-        f = fs._file
-        f.seek(end - 8)
-        start = end - 8 - u64(f.read(8))
-        f.seek(start)
-        return start, TxnHeaderFromString(f.read(TRANS_HDR_LEN)).tid
+        return transaction_before(fs._file, end, fs._file_name)
 
 
 def _truncate(fs, tid):
     with fs._lock:
-        start, last = _last_transaction(fs)
+        last = _last_transaction(fs)[1]
         if last != tid:
             raise RecoveryError(
                 'partition file %s: its last transaction is %s, not %s; '
                 'it cannot be rolled back' % (
                     fs._file_name, last.hex(), tid.hex()))
-        blobs = _blob_files(fs, tid)
+        # tids only grow along the file: this removes ``tid`` alone
+        cut_filestorage(fs, p64(u64(tid) - 1))
+
+
+# --- cutting a FileStorage back (shared with compositestorage.backup) ---------
+
+#: The magic a FileStorage file begins with, before its first transaction.
+FILE_HEADER_LEN = 4
+
+
+def transaction_before(f, end, name='FileStorage data'):
+    """``(start, tid)`` of the transaction that ends at ``end`` in the
+    FileStorage data ``f`` (a file-like object with ``seek`` and ``read``):
+    each transaction repeats its length after itself, so the walk goes
+    back without reading the data in between."""
+    f.seek(end - 8)
+    tlen = u64(f.read(8))
+    start = end - 8 - tlen
+    if start < FILE_HEADER_LEN:
+        raise RecoveryError(
+            '%s is damaged: the transaction that ends at %d claims %d bytes'
+            % (name, end, tlen))
+    f.seek(start)
+    header = TxnHeaderFromString(f.read(TRANS_HDR_LEN))
+    if header.tlen != tlen:
+        raise RecoveryError(
+            '%s is damaged: the transaction at %d does not end at %d'
+            % (name, start, end))
+    return start, header.tid
+
+
+def transactions_after(f, end, tid, name='FileStorage data'):
+    """``(start, tids)``: where the first transaction with a tid greater
+    than ``tid`` begins in the FileStorage data ``f`` that ends at ``end``
+    (``end`` when there is none), and the tids of those transactions,
+    oldest first.  Only their headers are read, from the end back."""
+    tids = []
+    pos = end
+    while pos > FILE_HEADER_LEN:
+        start, found = transaction_before(f, pos, name)
+        if found <= tid:
+            break
+        tids.append(found)
+        pos = start
+    tids.reverse()
+    return pos, tids
+
+
+def cut_filestorage(fs, tid):
+    """Cut the open, writable FileStorage ``fs`` back so that it holds only
+    the transactions whose tid is at most ``tid``.
+
+    The file is truncated where the first later transaction begins (and
+    fsynced), the blob files those transactions added are removed, and the
+    index is rebuilt from the file and saved over the old one.  Returns
+    the tids removed, oldest first; none when there was nothing to do.
+    Idempotent: a second call finds nothing to remove.
+    """
+    with fs._lock:
         f = fs._file
+        start, removed = transactions_after(f, fs._pos, tid, fs._file_name)
+        if not removed:
+            return []
+        blobs = _blob_files(fs, removed[0], removed[-1])
         f.truncate(start)
         f.flush()
         os.fsync(f.fileno())
@@ -183,23 +244,24 @@ def _truncate(fs, tid):
         fs._pos, fs._oid, last = read_index(
             f, fs._file_name, index, tindex, read_only=False)
         # As FileStorage does when it cuts off a transaction itself: later
-        # tids stay above the one taken back.
-        fs._ltid = max(last, tid)
+        # tids stay above the ones taken back.
+        fs._ltid = max(last, removed[-1])
         fs._ts = TimeStamp(fs._ltid)
         fs._save_index()
+        return removed
 
 
-def _blob_files(fs, tid):
-    """The blob files transaction ``tid`` (at ``start``) added."""
+def _blob_files(fs, first, last):
+    """The blob files the transactions from ``first`` to ``last`` added."""
     if not getattr(fs, 'blob_dir', None):
         return []
     paths = []
-    it = fs.iterator(tid, tid)
+    it = fs.iterator(first, last)
     try:
         for txn in it:
             for record in txn:
-                path = fs.fshelper.getBlobFilename(record.oid, tid)
-                paths.append(path)
+                paths.append(fs.fshelper.getBlobFilename(record.oid,
+                                                         txn.tid))
     finally:
         it.close()
     return paths
