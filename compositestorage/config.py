@@ -38,8 +38,9 @@ class CompositeStorageConfig(BaseConfig):
                         and not child.blob_dir:
                     child.blob_dir = c.blob_dir
         path = journal_path(c.journal, sections)
+        seen = None
         if c.read_only:
-            opened = open_children_consistently(
+            opened, seen = open_children_consistently(
                 lambda: open_children(sections), close_all, path)
         else:
             opened = open_children(sections)
@@ -48,7 +49,7 @@ class CompositeStorageConfig(BaseConfig):
                 opened, name=c.name, placement=c.placement,
                 default_partition=c.default_partition,
                 read_only=c.read_only, pack_gc=c.pack_gc,
-                journal=path)
+                journal=path, journal_seen=seen)
         except BaseException:
             close_all(opened)
             raise

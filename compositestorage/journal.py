@@ -190,13 +190,21 @@ def open_children_consistently(open_children, close_children, journal_path):
     finishes, the finished tid after the last), so the journal is read
     before and after ``open_children()``, which is called again until the
     two agree.  ``close_children(opened)`` closes a spoiled attempt.
+
+    Returns ``(opened, seen)``: ``seen`` is the journal as it was while
+    the children opened (``None`` without a journal).  The composite must
+    decide what to hide from ``seen``, not from a later read: a
+    transaction that was being finished then may have finished since, in
+    the children opened after it finished but not in those opened before.
     """
     journal = Journal(journal_path) if journal_path else None
     for attempt in range(READ_ONLY_ATTEMPTS):
         before = journal.snapshot() if journal else None
         opened = open_children()
-        if journal is None or journal.snapshot() == before:
-            return opened
+        if journal is None:
+            return opened, None
+        if journal.snapshot() == before:
+            return opened, before
         close_children(opened)
         time.sleep(0.01 * (attempt + 1))
     raise CompositeStorageError(

@@ -113,18 +113,25 @@ def recover(partitions, journal, dry_run=False):
     return outcome
 
 
-def has_transaction(part, tid):
-    """Whether ``part``'s child holds ``tid`` (as its last transaction)."""
+def last_finished(part):
+    """The tid of the last transaction ``part``'s child finished.
+
+    Not ``lastTransaction()`` for a FileStorage: one that cut off a
+    transaction it never finished, or that was opened read-only while its
+    writer was between vote and finish, reports that transaction's tid.
+    """
     child = part.base
     if isinstance(child, FileStorage):
-        # Not lastTransaction(): a FileStorage that cut off a transaction
-        # it never finished still reports that one's tid.
-        last = _last_transaction(child)[1]
-    elif isinstance(child, MappingStorage):
-        last = (child._transactions.maxKey() if child._transactions
+        return _last_transaction(child)[1]
+    if isinstance(child, MappingStorage):
+        return (child._transactions.maxKey() if child._transactions
                 else z64)
-    else:
-        last = child.lastTransaction()
+    return child.lastTransaction()
+
+
+def has_transaction(part, tid):
+    """Whether ``part``'s child holds ``tid`` (as its last transaction)."""
+    last = last_finished(part)
     if last > tid:
         raise RecoveryError(
             'partition %r holds transaction %s, later than %s which the '

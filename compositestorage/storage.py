@@ -33,6 +33,7 @@ from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import UnknownPartitionError
 from compositestorage.errors import WritesRefusedError
+from compositestorage.journal import decode
 from compositestorage.journal import lock_writer
 from compositestorage.journal import open_journal
 from compositestorage.errors import oid_hex
@@ -44,6 +45,7 @@ from compositestorage.partition import check_foreign_records
 from compositestorage.partition import check_layout
 from compositestorage.partition import check_maps
 from compositestorage.placement import make_policy
+from compositestorage.recovery import last_finished
 from compositestorage.recovery import recover
 from compositestorage.references import STUB_MARK
 from compositestorage.references import class_of
@@ -72,7 +74,7 @@ class CompositeStorage(blobs.BlobMethods):
 
     def __init__(self, partitions, name=None, placement='default',
                  default_partition=None, read_only=False, pack_gc=True,
-                 journal=None):
+                 journal=None, journal_seen=None):
         check_layout([
             (p.name, p.prefix, p.storage, storage_identity(p.storage))
             if isinstance(p, Partition) else
@@ -102,7 +104,7 @@ class CompositeStorage(blobs.BlobMethods):
         self.journal = open_journal(journal, self.primary)
         self._writer_lock = None
         try:
-            self._open_journal()
+            self._open_journal(journal_seen)
             self._finish_lock = threading.RLock()
             self._coordinator = Coordinator(self)
             self._policy = make_policy(placement, self)
@@ -118,20 +120,22 @@ class CompositeStorage(blobs.BlobMethods):
             self._release_writer_lock()
             raise
 
-    def _open_journal(self):
+    def _open_journal(self, seen=None):
         """Become the one writer, recover, and find what loads may see.
 
         A writer takes the lock beside the journal and completes or removes
         a transaction the journal says had begun to finish.  A read-only
         composite recovers nothing: it does not see a transaction whose
-        intent is still in the journal.
+        intent was in the journal as its children opened (``seen``, the
+        journal's bytes then, when the opener read them; else read now),
+        nor one a child was still writing.
         """
         journal = self.journal
         self.recovered = None
         hide = None
         if journal is not None:
             if self._read_only:
-                intent = journal.read()
+                intent = journal.read() if seen is None else decode(seen)
                 hide = intent.tid if intent is not None else None
             else:
                 self._writer_lock = lock_writer(journal)
@@ -143,7 +147,8 @@ class CompositeStorage(blobs.BlobMethods):
                 'partitions is not crash-safe', self.__name__)
         last = z64
         for p in self.partitions:
-            tid = p.storage.lastTransaction()
+            tid = (last_finished(p) if self._read_only
+                   else p.storage.lastTransaction())
             if hide is not None and tid >= hide:
                 tid = p64(u64(hide) - 1)
             last = max(last, tid)

@@ -353,7 +353,7 @@ def resolve_composite(uri):
             primary = [child for name, prefix, child, _ in parts
                        if prefix == 0]
             key = _child_key(primary[0]) if primary else None
-            opened = open_children_consistently(
+            opened, options['journal_seen'] = open_children_consistently(
                 open_children, close_children,
                 key[1] + '.journal' if key else None)
         else:

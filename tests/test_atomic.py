@@ -434,6 +434,125 @@ def test_a_read_only_uri_reopens_children_across_a_commit(seeded):
     assert _open_across_commits(seeded, factory, 1) == {3}
 
 
+def test_a_read_only_composite_hides_what_the_journal_showed_as_it_opened(
+        seeded, monkeypatch):
+    """The children open while a transaction is being finished (main has
+    it, b and c not yet); it finishes, and the journal is cleared, before
+    the composite itself is built.  What the reader hides must come from
+    the journal as it was while the children opened, or main would show
+    the transaction and b and c would not."""
+    import threading
+    import ZODB.config
+    from compositestorage import config as config_module
+    from compositestorage import faults
+    wdb = ZODB.DB(_open(seeded))
+    tm = transaction.TransactionManager()
+    counters = wdb.open(tm).root()['counters']
+    in_finish = threading.Event()
+    go_on = threading.Event()
+
+    def hook(point):
+        if point == 'finished:main' and not go_on.is_set():
+            in_finish.set()
+            assert go_on.wait(60)
+
+    def commit():
+        for name in NAMES:
+            counters[name]['n'] += 1
+        tm.commit()
+
+    real = config_module.open_children_consistently
+
+    def then_the_writer_finishes(*args):
+        opened = real(*args)
+        go_on.set()
+        writer.join(60)
+        assert not writer.is_alive()
+        return opened
+
+    faults.hook = hook
+    writer = threading.Thread(target=commit)
+    try:
+        writer.start()
+        assert in_finish.wait(60)
+        monkeypatch.setattr(config_module, 'open_children_consistently',
+                            then_the_writer_finishes)
+        reader = ZODB.config.storageFromString(
+            '%import compositestorage\n<compositestorage>\n'
+            '  read-only true\n' + ''.join(
+                '  <partition %s>\n    prefix %d\n    <filestorage>\n'
+                '      path %s\n      read-only true\n    </filestorage>\n'
+                '  </partition>\n' % (name, prefix, seeded / (name + '.fs'))
+                for name, prefix in PARTS) + '</compositestorage>\n')
+    finally:
+        go_on.set()
+        faults.hook = None
+        writer.join(60)
+    try:
+        assert Journal(str(seeded / 'main.fs.journal')).read() is None
+        db = ZODB.DB(reader)
+        seen = db.open().root()['counters']
+        assert {seen[name]['n'] for name in NAMES} == {2}
+        db.close()
+    finally:
+        reader.close()
+        wdb.close()
+
+
+def test_a_read_only_composite_opened_between_vote_and_finish(seeded):
+    """Every child has voted (written) the transaction and none finished it;
+    the journal holds no intent yet.  A FileStorage opened read-only then
+    reports the unfinished tid as its lastTransaction(); the composite
+    must not."""
+    import threading
+    from compositestorage import faults
+    from compositestorage.storage import CompositeStorage
+    from ZODB.FileStorage import FileStorage
+    wdb = ZODB.DB(_open(seeded))
+    before = wdb.storage.lastTransaction()
+    tm = transaction.TransactionManager()
+    counters = wdb.open(tm).root()['counters']
+    voted = threading.Event()
+    go_on = threading.Event()
+
+    def hook(point):
+        if point == 'voted:%s' % NAMES[-1] and not go_on.is_set():
+            voted.set()
+            assert go_on.wait(60)
+
+    def commit():
+        for name in NAMES:
+            counters[name]['n'] += 1
+        tm.commit()
+
+    faults.hook = hook
+    writer = threading.Thread(target=commit)
+    try:
+        writer.start()
+        assert voted.wait(60)
+        children = [(name, prefix,
+                     FileStorage(str(seeded / (name + '.fs')),
+                                 read_only=True))
+                    for name, prefix in PARTS]
+        # what the composite must not repeat
+        assert children[0][2].lastTransaction() > before
+        reader = CompositeStorage(children, read_only=True)
+    finally:
+        go_on.set()
+        faults.hook = None
+        writer.join(60)
+    try:
+        assert wdb.storage.lastTransaction() > before       # it finished
+        assert reader.lastTransaction() == before
+        db = ZODB.DB(reader)
+        seen = db.open().root()['counters']
+        assert {seen[name]['n'] for name in NAMES} == {2}
+        db.close()
+    finally:
+        reader.close()
+        wdb.close()
+
+
 # --- every kind of transaction is taken back whole ------------------------------
 
 def _two_partitions(tmp_path):
