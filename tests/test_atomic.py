@@ -434,6 +434,58 @@ def test_a_read_only_uri_reopens_children_across_a_commit(seeded):
     assert _open_across_commits(seeded, factory, 1) == {3}
 
 
+class _PausedWriter:
+    """A writer in a thread of this process, committing across every
+    partition, paused as it passes ``point`` until ``finish()``."""
+
+    def __init__(self, seeded, point):
+        import threading
+        from compositestorage import faults
+        self._faults = faults
+        self.db = ZODB.DB(_open(seeded))
+        self.before = self.db.storage.lastTransaction()
+        tm = transaction.TransactionManager()
+        counters = self.db.open(tm).root()['counters']
+        paused = threading.Event()
+        self._go_on = threading.Event()
+
+        def hook(name):
+            if name == point and not self._go_on.is_set():
+                paused.set()
+                assert self._go_on.wait(60)
+
+        def commit():
+            for name in NAMES:
+                counters[name]['n'] += 1
+            tm.commit()
+
+        faults.hook = hook
+        self._thread = threading.Thread(target=commit)
+        self._thread.start()
+        if not paused.wait(60):
+            self.close()
+            raise AssertionError('the writer never reached %s' % point)
+
+    def finish(self):
+        self._go_on.set()
+        self._faults.hook = None
+        self._thread.join(60)
+        assert not self._thread.is_alive()
+
+    def close(self):
+        self.finish()
+        self.db.close()
+
+
+def _counters_seen(reader):
+    db = ZODB.DB(reader)
+    try:
+        seen = db.open().root()['counters']
+        return {seen[name]['n'] for name in NAMES}
+    finally:
+        db.close()
+
+
 def test_a_read_only_composite_hides_what_the_journal_showed_as_it_opened(
         seeded, monkeypatch):
     """The children open while a transaction is being finished (main has
@@ -441,40 +493,17 @@ def test_a_read_only_composite_hides_what_the_journal_showed_as_it_opened(
     the composite itself is built.  What the reader hides must come from
     the journal as it was while the children opened, or main would show
     the transaction and b and c would not."""
-    import threading
     import ZODB.config
     from compositestorage import config as config_module
-    from compositestorage import faults
-    wdb = ZODB.DB(_open(seeded))
-    tm = transaction.TransactionManager()
-    counters = wdb.open(tm).root()['counters']
-    in_finish = threading.Event()
-    go_on = threading.Event()
-
-    def hook(point):
-        if point == 'finished:main' and not go_on.is_set():
-            in_finish.set()
-            assert go_on.wait(60)
-
-    def commit():
-        for name in NAMES:
-            counters[name]['n'] += 1
-        tm.commit()
-
+    writer = _PausedWriter(seeded, 'finished:main')
     real = config_module.open_children_consistently
 
     def then_the_writer_finishes(*args):
         opened = real(*args)
-        go_on.set()
-        writer.join(60)
-        assert not writer.is_alive()
+        writer.finish()
         return opened
 
-    faults.hook = hook
-    writer = threading.Thread(target=commit)
     try:
-        writer.start()
-        assert in_finish.wait(60)
         monkeypatch.setattr(config_module, 'open_children_consistently',
                             then_the_writer_finishes)
         reader = ZODB.config.storageFromString(
@@ -484,19 +513,13 @@ def test_a_read_only_composite_hides_what_the_journal_showed_as_it_opened(
                 '      path %s\n      read-only true\n    </filestorage>\n'
                 '  </partition>\n' % (name, prefix, seeded / (name + '.fs'))
                 for name, prefix in PARTS) + '</compositestorage>\n')
+        try:
+            assert Journal(str(seeded / 'main.fs.journal')).read() is None
+            assert _counters_seen(reader) == {2}
+        finally:
+            reader.close()
     finally:
-        go_on.set()
-        faults.hook = None
-        writer.join(60)
-    try:
-        assert Journal(str(seeded / 'main.fs.journal')).read() is None
-        db = ZODB.DB(reader)
-        seen = db.open().root()['counters']
-        assert {seen[name]['n'] for name in NAMES} == {2}
-        db.close()
-    finally:
-        reader.close()
-        wdb.close()
+        writer.close()
 
 
 def test_a_read_only_composite_opened_between_vote_and_finish(seeded):
@@ -504,53 +527,26 @@ def test_a_read_only_composite_opened_between_vote_and_finish(seeded):
     the journal holds no intent yet.  A FileStorage opened read-only then
     reports the unfinished tid as its lastTransaction(); the composite
     must not."""
-    import threading
-    from compositestorage import faults
     from compositestorage.storage import CompositeStorage
     from ZODB.FileStorage import FileStorage
-    wdb = ZODB.DB(_open(seeded))
-    before = wdb.storage.lastTransaction()
-    tm = transaction.TransactionManager()
-    counters = wdb.open(tm).root()['counters']
-    voted = threading.Event()
-    go_on = threading.Event()
-
-    def hook(point):
-        if point == 'voted:%s' % NAMES[-1] and not go_on.is_set():
-            voted.set()
-            assert go_on.wait(60)
-
-    def commit():
-        for name in NAMES:
-            counters[name]['n'] += 1
-        tm.commit()
-
-    faults.hook = hook
-    writer = threading.Thread(target=commit)
+    writer = _PausedWriter(seeded, 'voted:%s' % NAMES[-1])
     try:
-        writer.start()
-        assert voted.wait(60)
         children = [(name, prefix,
                      FileStorage(str(seeded / (name + '.fs')),
                                  read_only=True))
                     for name, prefix in PARTS]
         # what the composite must not repeat
-        assert children[0][2].lastTransaction() > before
+        assert children[0][2].lastTransaction() > writer.before
         reader = CompositeStorage(children, read_only=True)
+        writer.finish()
+        try:
+            assert writer.db.storage.lastTransaction() > writer.before
+            assert reader.lastTransaction() == writer.before
+            assert _counters_seen(reader) == {2}
+        finally:
+            reader.close()
     finally:
-        go_on.set()
-        faults.hook = None
-        writer.join(60)
-    try:
-        assert wdb.storage.lastTransaction() > before       # it finished
-        assert reader.lastTransaction() == before
-        db = ZODB.DB(reader)
-        seen = db.open().root()['counters']
-        assert {seen[name]['n'] for name in NAMES} == {2}
-        db.close()
-    finally:
-        reader.close()
-        wdb.close()
+        writer.close()
 
 
 # --- every kind of transaction is taken back whole ------------------------------

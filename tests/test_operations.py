@@ -21,7 +21,6 @@ from compositestorage import placement
 from compositestorage.errors import oid_hex
 from compositestorage.progress import Plain
 from compositestorage.progress import reporter
-from compositestorage.verify import verify
 from conftest import config_file
 from conftest import open_composite
 from conftest import paths_for
@@ -32,6 +31,7 @@ from test_cli import write_graph
 from test_cli import zeo_conf
 from test_verify import delete
 from test_verify import on_child
+from test_verify import problems_of
 
 
 def build_with_garbage(paths):
@@ -67,14 +67,6 @@ def build_with_garbage(paths):
 def digest(paths):
     return {name: hashlib.sha256(open(path, 'rb').read()).hexdigest()
             for name, path in paths.items()}
-
-
-def problems_of(paths):
-    storage = open_composite(paths, read_only=True)
-    try:
-        return verify(storage)[0]
-    finally:
-        storage.close()
 
 
 @pytest.fixture
