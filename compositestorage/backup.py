@@ -396,7 +396,8 @@ def backup(config_path, repository, full=False, between=None):
     into ``repository`` (an existing folder), at one tid.
 
     The composite is opened read-only (beside a writer, if one runs) and
-    its ``lastTransaction()`` is read first; then ``repozo -B`` (``-F``
+    the last transaction finished everywhere is read first
+    (:func:`finished_everywhere`); then ``repozo -B`` (``-F``
     with ``full``) backs up each child into ``repository/<name>/``; then
     ``repository/composite-backup.json`` records T (the last transaction
     at or before that tid), the time and the partitions.
