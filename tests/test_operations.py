@@ -24,6 +24,8 @@ from compositestorage.progress import reporter
 from conftest import config_file
 from conftest import open_composite
 from conftest import paths_for
+from conftest import CLI
+from test_cli import Client
 from test_cli import composite_xml
 from test_cli import run_cli
 from test_cli import write
@@ -414,3 +416,49 @@ def test_verify_through_zeo_refuses_a_plain_storage(tmp_path,
     result = run_cli('verify', uri)
     assert result.returncode == 1
     assert 'does not serve a composite' in result.stderr
+
+
+def test_zeo_packs_while_a_client_commits(tmp_path, serving):
+    """ZEO runs the pack in a thread of the server while its clients go on
+    committing: every commit stays, and the composite verifies after."""
+    import subprocess
+    conf = write(tmp_path / 'zeo.conf', zeo_conf(str(tmp_path)))
+    served = serving(['--config', conf], tmp_path, 3)
+    uri = 'zeo://%s:%d?wait_timeout=30' % (served.host, served.port)
+    client = Client(served, tmp_path)
+    done = threading.Event()
+    packs = []
+
+    def pack_again_and_again():
+        while not done.is_set():
+            proc = subprocess.run(CLI + ['pack', '-q', uri],
+                                  capture_output=True, text=True, timeout=120)
+            packs.append((proc.returncode, proc.stderr))
+
+    thread = threading.Thread(target=pack_again_and_again)
+    thread.start()
+    written = {}
+    try:
+        deadline = time.time() + 60
+        i = 0
+        while (len(packs) < 3 or i < 30) and time.time() < deadline:
+            key = 'k%d' % (i % 7)       # each write makes the last garbage
+            written[key] = client.ask('write', key, 4)
+            assert len({oid[:2] for oid in written[key]['oids']}) > 1
+            i += 1
+    finally:
+        done.set()
+        thread.join(180)
+    assert len(packs) >= 3 and all(code == 0 for code, _ in packs), packs
+    for key, expected in written.items():
+        assert client.ask('read', key) == expected
+    client.close()
+    assert served.stop() == 0
+
+    local = write(tmp_path / 'local.conf',
+                  '%import compositestorage\n' + composite_xml(str(tmp_path)))
+    result = run_cli('verify', '--json', '--quiet', local)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    # what is left is garbage written since the last pack, at most
+    assert all(p['garbage'] for p in report['problems']), report
