@@ -909,6 +909,13 @@ def cmd_demo(args, out=None):
 
 # --- the parser and main ------------------------------------------------------
 
+def add_quiet(parser):
+    parser.add_argument('-q', '--quiet', action='store_true',
+                        help='show no progress (progress goes to stderr: a '
+                             'bar on a terminal, a line every few seconds '
+                             'elsewhere)')
+
+
 def make_parser():
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -986,10 +993,7 @@ def make_parser():
                         help='count garbage (orphan stubs, and the missing '
                              'targets of orphan stubs) as problems too: by '
                              'default it is listed but exits 0')
-    verify.add_argument('-q', '--quiet', action='store_true',
-                        help='show no progress (progress goes to stderr: a '
-                             'bar on a terminal, a line every few seconds '
-                             'elsewhere)')
+    add_quiet(verify)
     verify.set_defaults(func=cmd_verify)
 
     stats = sub.add_parser(
@@ -1006,10 +1010,7 @@ def make_parser():
                        help='how many classes to show (default 10)')
     stats.add_argument('--json', action='store_true',
                        help='print the same as one JSON object')
-    stats.add_argument('-q', '--quiet', action='store_true',
-                        help='show no progress (progress goes to stderr: a '
-                             'bar on a terminal, a line every few seconds '
-                             'elsewhere)')
+    add_quiet(stats)
     stats.set_defaults(func=cmd_stats)
 
     pack = sub.add_parser(
@@ -1026,10 +1027,7 @@ def make_parser():
     pack.add_argument('--days', type=float, default=0.0,
                       help='keep the history of the last DAYS days '
                            '(default 0: pack to now)')
-    pack.add_argument('-q', '--quiet', action='store_true',
-                        help='show no progress (progress goes to stderr: a '
-                             'bar on a terminal, a line every few seconds '
-                             'elsewhere)')
+    add_quiet(pack)
     pack.set_defaults(func=cmd_pack)
 
     repair = sub.add_parser(

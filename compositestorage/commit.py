@@ -183,7 +183,8 @@ class Coordinator:
         return state.child_txn[part.prefix]
 
     def write_stubs(self, state):
-        """Store every stub the transaction needs and its child lacks."""
+        """Store every stub the transaction needs and its child lacks; while
+        a pack runs, also those it has (see ``packing``)."""
         storage = self._storage
         new_data = state.new_data
         packing = self.packs
@@ -191,19 +192,22 @@ class Coordinator:
             for oid in sorted(oids):
                 if oid in part.stubs and not packing:
                     continue
+                committed = None
                 if oid in new_data:
                     # a new object: no stub for it can exist yet
                     serial = z64
-                    klass = None
                 else:
                     committed = self.committed_stub(part, oid)
                     if committed is not None and not packing:
                         continue
-                    klass = committed[0] if committed else None
                     serial = part.current_serial(oid) or z64
                 home = storage.partition_for(oid, 'reference')
-                klass = state.hints.get(oid) or klass or self._class_of(
-                    home, oid, state.data_of(oid))
+                if committed is not None:
+                    # written again during a pack: the very same record
+                    klass = committed[0]
+                else:
+                    klass = state.hints.get(oid) or self._class_of(
+                        home, oid, state.data_of(oid))
                 txn = self.begin(state, part)
                 part.storage.store(oid, serial,
                                    stub_record(home.name, klass), '', txn)
