@@ -277,15 +277,20 @@ def verify_served(client, progress=None):
     ZODB sees: that every object's strong references resolve, and that no
     stub shows through as an object.  Stubs, maps and self-containment are
     checked by :func:`verify` on the configuration, beside the server (read
-    only) or offline.  Partitions are named by prefix.  Memory is an
-    ``fsIndex`` of the oids, as in :func:`verify`.
+    only) or offline.  Partitions are named by prefix.
+
+    Each record costs a round trip to the server, so a sound database is
+    read once: references to objects not seen yet wait in an ``fsIndex``
+    until the end.  Only when some never turn up is the database read a
+    second time, to name their referrers.
     """
     progress = progress or quiet
     total = len(client) or None
     own = {}
     counts = {}
     problems = []
-    shown = progress('verify: objects', total, 'objects')
+    waiting = fsIndex()
+    shown = progress('verify', total, 'objects')
     try:
         for oid, _, data in current_records(client):
             shown.update(1)
@@ -300,20 +305,28 @@ def verify_served(client, progress=None):
                 problems.append(Problem(
                     'corrupt-stub', served_name(prefix), oid, klass,
                     detail='a stub shows through as an object'))
+            for ref in strong_and_weak_oids(data)[0]:
+                if ref not in own.get(ref[0], ()):
+                    waiting[ref] = 1
     finally:
         shown.close()
-    shown = progress('verify: references', total, 'objects')
-    try:
-        for referrer, _, data in current_records(client):
-            shown.update(1)
-            for oid in strong_and_weak_oids(data)[0]:
-                if oid not in own.get(oid[0], ()):
-                    problems.append(Problem(
-                        'dangling-reference', served_name(oid[0]), oid,
-                        None, referrer, served_name(referrer[0]),
-                        'no such object'))
-    finally:
-        shown.close()
+    missing = fsIndex()
+    for oid in waiting.keys():
+        if oid not in own.get(oid[0], ()):
+            missing[oid] = 1
+    if len(missing):
+        shown = progress('verify: referrers', total, 'objects')
+        try:
+            for referrer, _, data in current_records(client):
+                shown.update(1)
+                for oid in strong_and_weak_oids(data)[0]:
+                    if oid in missing:
+                        problems.append(Problem(
+                            'dangling-reference', served_name(oid[0]), oid,
+                            None, referrer, served_name(referrer[0]),
+                            'no such object'))
+        finally:
+            shown.close()
     return problems, {served_name(p): counts[served_name(p)]
                       for p in sorted(own)}
 
