@@ -70,13 +70,14 @@ def pack(storage, t, gc=True, progress=None):
     reporter` returns: called with a stage, a total and a unit, it returns
     an object with ``update(n)`` and ``close()``.  The stages are the mark
     (objects, out of about the number of records) and the sweep
-    (partitions).
+    (partitions).  Returns what each partition lost (see ``_removed``).
     """
     progress = progress or quiet
+    before = {part: _sizes(part) for part in storage.partitions}
     if not gc:
         for part in storage.partitions:
             part.storage.pack(t, referencesf, gc=False)
-        return
+        return _removed(before)
     with storage._coordinator.packing():
         keep = mark(storage, pack_tid(t), progress)
         shown = progress('pack: sweep', len(storage.partitions), 'partitions')
@@ -89,6 +90,26 @@ def pack(storage, t, gc=True, progress=None):
                     fault_point('pack', 'swept', part.name)
         finally:
             shown.close()
+    return _removed(before)
+
+
+def _sizes(part):
+    return {'objects': part.count_own(), 'stubs': part.count_stubs() or 0,
+            'bytes': part.storage.getSize()}
+
+
+def _removed(before):
+    """``{partition name: {'objects', 'stubs', 'bytes'}}`` removed, each
+    partition's also logged: a pack through ZEO runs in the server, whose
+    log is where an operator finds it."""
+    removed = {}
+    for part, was in before.items():
+        now = _sizes(part)
+        removed[part.name] = lost = {key: was[key] - now[key] for key in was}
+        logger.info('pack: partition %r: removed %d objects, %d stubs, '
+                    '%d bytes', part.name, lost['objects'], lost['stubs'],
+                    lost['bytes'])
+    return removed
 
 
 @contextlib.contextmanager

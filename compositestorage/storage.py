@@ -101,6 +101,8 @@ class CompositeStorage(blobs.BlobMethods):
         self.__name__ = name or 'Composite(%s)' % ', '.join(
             '%s=%s' % (p.name, p.storage.getName()) for p in self.partitions)
         self._refused = None
+        #: what each partition lost in this process's last pack
+        self.last_pack = None
         self.journal = open_journal(journal, self.primary)
         self._writer_lock = None
         try:
@@ -528,11 +530,14 @@ class CompositeStorage(blobs.BlobMethods):
 
         ``referencesf`` is ignored: the composite finds references itself.
         ``progress`` is a progress factory (:mod:`compositestorage.progress`).
+        What each partition lost is kept in ``last_pack``, as
+        ``{partition name: {'objects': n, 'stubs': n, 'bytes': n}}``
+        (IStorage's ``pack`` returns nothing; the pack command prints it).
         """
         if self._read_only:
             raise POSException.ReadOnlyError()
-        return global_gc.pack(self, t, self._pack_gc if gc is None else gc,
-                              progress)
+        self.last_pack = global_gc.pack(
+            self, t, self._pack_gc if gc is None else gc, progress)
 
     def __repr__(self):
         return '<CompositeStorage %s>' % self.__name__
