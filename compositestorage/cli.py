@@ -793,8 +793,9 @@ def cmd_pack(args, out=None):
     print('packed in %.1f s' % (time.time() - started), file=out)
     if composite:
         for name, lost in removed.items():
-            print('%s: removed %d objects, %d stubs, %d bytes' % (
-                name, lost['objects'], lost['stubs'], lost['bytes']),
+            print('%s: removed %s objects, %s stubs, %s bytes' % (
+                name, *['?' if lost[key] is None else lost[key]
+                        for key in ('objects', 'stubs', 'bytes')]),
                 file=out)
     else:
         print('the server packed; its log says what each partition lost',

@@ -42,6 +42,7 @@ import time
 from persistent.TimeStamp import TimeStamp
 from ZODB.FileStorage import FileStorage
 from ZODB.FileStorage import fspack
+from ZODB.MappingStorage import MappingStorage
 from ZODB.fsIndex import fsIndex
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import StorageError
@@ -94,21 +95,28 @@ def pack(storage, t, gc=True, progress=None):
 
 
 def _sizes(part):
-    return {'objects': part.count_own(), 'stubs': part.count_stubs() or 0,
+    """Counts that cost an index walk at most; other children's counts
+    would mean reading every record, so they are not taken (``None``)."""
+    cheap = isinstance(part.base, (FileStorage, MappingStorage))
+    return {'objects': part.count_own() if cheap else None,
+            'stubs': part.count_stubs() if cheap else None,
             'bytes': part.storage.getSize()}
 
 
 def _removed(before):
-    """``{partition name: {'objects', 'stubs', 'bytes'}}`` removed, each
-    partition's also logged: a pack through ZEO runs in the server, whose
-    log is where an operator finds it."""
+    """``{partition name: {'objects', 'stubs', 'bytes'}}`` removed (``None``
+    where not counted), each partition's also logged: a pack through ZEO
+    runs in the server, whose log is where an operator finds it."""
     removed = {}
     for part, was in before.items():
         now = _sizes(part)
-        removed[part.name] = lost = {key: was[key] - now[key] for key in was}
-        logger.info('pack: partition %r: removed %d objects, %d stubs, '
-                    '%d bytes', part.name, lost['objects'], lost['stubs'],
-                    lost['bytes'])
+        removed[part.name] = lost = {
+            key: None if was[key] is None or now[key] is None
+            else was[key] - now[key] for key in was}
+        logger.info('pack: partition %r: removed %s objects, %s stubs, '
+                    '%s bytes', part.name, *[
+                        '?' if lost[key] is None else lost[key]
+                        for key in ('objects', 'stubs', 'bytes')])
     return removed
 
 
