@@ -100,7 +100,8 @@ def test_a_commit_during_the_pack_keeps_the_stub_it_refers_through(
 
     def sweep_after_a_commit(part, t, verdict):
         if not committed:
-            assert oids['shared'] not in verdict or part.name != 'b'
+            assert part.name != 'b' or \
+                int.from_bytes(oids['shared'], 'big') not in verdict
             root = conn.root()
             root['kept']['shared'] = root['shared']
             tm.commit()
