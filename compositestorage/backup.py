@@ -39,6 +39,7 @@ from ZODB.utils import u64
 from ZODB.utils import z64
 
 from compositestorage.errors import CompositeStorageError
+from compositestorage.interrupts import interrupts_held_back
 from compositestorage.recovery import FILE_HEADER_LEN
 from compositestorage.recovery import cut_filestorage
 from compositestorage.recovery import transaction_before
@@ -648,11 +649,12 @@ def restore(config_path, repository, force=False, dry_run=False):
     (whose ``problems`` are what verify found afterwards).
 
     ``repozo -R`` writes each partition's backup (from
-    ``repository/<name>/``) to its configured path; existing files are
-    refused unless ``force``.  Then every child is cut back to the tid of
-    the composite backup (``composite-backup.json``), or, for plain repozo
-    backups without it, to the smallest of the children's last tids.  Then
-    the composite is opened read-only and verified.  ``dry_run`` only
+    ``repository/<name>/``) beside its configured path; existing files
+    are refused unless ``force``.  Then every child is cut back to the tid
+    of the composite backup (``composite-backup.json``), or, for plain
+    repozo backups without it, to the smallest of the children's last
+    tids.  Then, with Ctrl-C held back, they all replace the configured
+    files at once, and the composite is opened read-only and verified.  ``dry_run`` only
     reads the repository and reports what would be done.
     """
     from compositestorage.cli import opened_composite
@@ -730,33 +732,50 @@ def restore(config_path, repository, force=False, dry_run=False):
                 blob_dir, tid, prefixes, dry_run=True)
         return report
 
+    # Each partition is restored and cut back beside its file, and only
+    # then are they all put in place, with Ctrl-C held back: an interrupted
+    # restore leaves the files it would replace as they were.
     lock = _lock(journal) if journal else None
+    side = {part.name: part.path + '.restoring' for part in configured}
     try:
-        for path in stale:
-            os.remove(path)
         for part, result in zip(configured, results):
             directory = os.path.join(repository, part.name)
             os.makedirs(os.path.dirname(part.path), exist_ok=True)
-            argv = ['-R', '-r', directory, '-o', part.path]
+            _remove_side_files(side[part.name])
+            argv = ['-R', '-r', directory, '-o', side[part.name]]
             date = entries[part.name]['repozo_date'] if entries else None
             if date:
                 argv += ['-D', date]
             run_repozo(argv, 'could not restore partition %r into %s'
                        % (part.name, part.path))
         for part, result in zip(configured, results):
-            blob_dir = part.blob_dir if part.blob_dir and \
-                os.path.isdir(part.blob_dir) else None
-            removed = cut_back(part.path, tid, blob_dir)
+            # the blob files of what is cut off go below, with all others
+            # later than the tid
+            removed = cut_back(side[part.name], tid)
             if removed != result.removed:
                 raise BackupError(
                     'partition %r: cutting %s back to %s removed %d '
                     'transaction(s), the backup showed %d' % (
                         part.name, part.path, tid.hex(), len(removed),
                         len(result.removed)))
-        for blob_dir, prefixes in _blob_dirs(configured).items():
-            report.blobs_removed[blob_dir] = remove_blobs_after(
-                blob_dir, tid, prefixes)
+        with interrupts_held_back(
+                'restore: putting every restored partition in place first, '
+                'so that they agree',
+                'the restore put every partition in place before it '
+                'stopped'):
+            for path in stale:
+                os.remove(path)
+            for part in configured:
+                os.replace(side[part.name], part.path)
+                if os.path.exists(side[part.name] + '.index'):
+                    os.replace(side[part.name] + '.index',
+                               part.path + '.index')
+            for blob_dir, prefixes in _blob_dirs(configured).items():
+                report.blobs_removed[blob_dir] = remove_blobs_after(
+                    blob_dir, tid, prefixes)
     finally:
+        for path in side.values():
+            _remove_side_files(path)
         if lock is not None:
             lock.close()
 
@@ -765,6 +784,14 @@ def restore(config_path, repository, force=False, dry_run=False):
         report.problems = list(problems)
         report.last_transaction = storage.lastTransaction()
     return report
+
+
+def _remove_side_files(path):
+    """A side file of a restore, and what opening it as a FileStorage left
+    beside it."""
+    for name in (path, path + '.index', path + '.lock', path + '.tmp'):
+        if os.path.exists(name):
+            os.remove(name)
 
 
 def _blob_dirs(configured):

@@ -33,11 +33,8 @@ was.  Once the sweep has begun, the partitions must all be swept, or the
 garbage of one would refer to the collected garbage of another: an
 interrupt there is held back until the last child is packed, then raised.
 """
-import contextlib
 import inspect
 import logging
-import signal
-import threading
 import time
 
 from persistent.TimeStamp import TimeStamp
@@ -54,6 +51,7 @@ from ZODB.utils import z64
 
 from compositestorage.errors import oid_hex
 from compositestorage.faults import point as fault_point
+from compositestorage.interrupts import interrupts_held_back
 from compositestorage.progress import quiet
 from compositestorage.references import strong_and_weak_oids
 from compositestorage.verify import estimate
@@ -84,7 +82,11 @@ def pack(storage, t, gc=True, progress=None):
         keep = mark(storage, pack_tid(t), progress)
         shown = progress('pack: sweep', len(storage.partitions), 'partitions')
         try:
-            with interrupts_held_back():
+            with interrupts_held_back(
+                    'pack: finishing the sweep of every partition first, so '
+                    'that they agree',
+                    'the pack finished sweeping every partition before it '
+                    'stopped'):
                 for part in storage.partitions:
                     sweep(part, t, keep.pop(part))
                     part.stubs.clear()
@@ -119,34 +121,6 @@ def _removed(before):
                         '?' if lost[key] is None else lost[key]
                         for key in ('objects', 'stubs', 'bytes')])
     return removed
-
-
-@contextlib.contextmanager
-def interrupts_held_back():
-    """Hold a SIGINT back until the block ends, then raise it.
-
-    Only the main thread receives signals; elsewhere (a ZEO server packs
-    in a thread) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-
-    def note(signum, frame):
-        if not caught:
-            logger.warning('pack: interrupt noted; finishing the sweep of '
-                           'every partition first, so that they agree')
-        caught.append(signum)
-
-    previous = signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt('the pack finished sweeping every partition '
-                                'before it stopped')
 
 
 def _references(part, oid, data):

@@ -733,6 +733,43 @@ def test_restore_over_existing_files_needs_force(tmp_path, capsys):
         storage.close()
 
 
+def test_an_interrupted_restore_leaves_the_files_as_they_were(
+        tmp_path, capsys, monkeypatch):
+    """Ctrl-C while repozo restores the second partition: every partition
+    is restored beside its file and put in place only at the end, so the
+    files stay as they were, and nothing is left beside them."""
+    from compositestorage import backup as backup_module
+    paths = paths_for(tmp_path)
+    build(paths)
+    config = config_file(tmp_path, paths)
+    repository = tmp_path / 'repo'
+    repository.mkdir()
+    assert cli(capsys, 'backup', config, repository)[0] == 0
+    bump(paths)
+    live = file_state(paths)
+    real = backup_module.run_repozo
+    calls = []
+
+    def interrupted_on_the_second(argv, what):
+        calls.append(argv)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(argv, what)
+
+    monkeypatch.setattr(backup_module, 'run_repozo',
+                        interrupted_on_the_second)
+    code, out, err = cli(capsys, 'restore', config, repository, '--force')
+    assert code == 130 and 'interrupted' in err, (code, err)
+    assert len(calls) == 2
+    assert file_state(paths) == live
+    assert not [f for f in os.listdir(str(tmp_path)) if 'restoring' in f]
+    monkeypatch.setattr(backup_module, 'run_repozo', real)
+    code, out, err = cli(capsys, 'restore', config, repository, '--force')
+    assert code == 0, err
+    assert file_state(paths) != live
+    assert verify_paths(paths)[0] == []
+
+
 def test_restore_in_place_removes_the_blobs_of_what_it_cuts_off(tmp_path,
                                                                 capsys):
     blobs = tmp_path / 'blobs'
