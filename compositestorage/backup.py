@@ -6,17 +6,17 @@ composite may hold half of a transaction over several partitions, or a
 reference into a partition state older than the referrer.
 
 :func:`backup` first reads T, the last transaction that has finished in
-every child it touches (from the children opened read-only, then the
-journal, which names a transaction still being finished:
-:func:`finished_everywhere`), then runs ``repozo -B`` on each child into
+every child it touches (the ``lastTransaction()`` of a read-only
+composite, which stays below a transaction the journal names as still
+being finished), then runs ``repozo -B`` on each child into
 ``REPOSITORY/<partition name>/`` and records T in
 ``REPOSITORY/composite-backup.json``.  ``repozo`` copies a prefix of each
 append-only file, taken after T was read, so each child's backup holds
 every transaction up to T, and perhaps some later ones.
 
-:func:`restore` runs ``repozo -R`` for each partition into its configured
-path, then cuts every child back to T with :func:`cut_back`, which leaves
-each child exactly as it was at T.  Without ``composite-backup.json``
+:func:`restore` runs ``repozo -R`` for each partition beside its
+configured path, cuts every copy back to T with :func:`cut_back`, which
+leaves each child exactly as it was at T, and then puts them all in place.  Without ``composite-backup.json``
 (plain ``repozo`` backups taken separately) it cuts back to the oldest
 common point, the smallest of the children's last tids.
 
@@ -34,8 +34,6 @@ import types
 
 from ZODB.FileStorage import FileStorage
 from ZODB.TimeStamp import TimeStamp
-from ZODB.utils import p64
-from ZODB.utils import u64
 from ZODB.utils import z64
 
 from compositestorage.errors import CompositeStorageError
@@ -397,8 +395,8 @@ def backup(config_path, repository, full=False, between=None):
     into ``repository`` (an existing folder), at one tid.
 
     The composite is opened read-only (beside a writer, if one runs) and
-    the last transaction finished everywhere is read first
-    (:func:`finished_everywhere`); then ``repozo -B`` (``-F``
+    its ``lastTransaction()``, the last transaction finished everywhere,
+    is read first; then ``repozo -B`` (``-F``
     with ``full``) backs up each child into ``repository/<name>/``; then
     ``repository/composite-backup.json`` records T (the last transaction
     at or before that tid), the time and the partitions.
@@ -414,7 +412,9 @@ def backup(config_path, repository, full=False, between=None):
     copies = []
     storage = open_read_only(configured, journal)
     with contextlib.closing(storage):
-        visible = finished_everywhere(storage, journal)
+        # what a read-only composite shows: the last transaction finished
+        # in every child, kept below one the journal says is finishing
+        visible = storage.lastTransaction()
         opened = {p.name: os.fstat(p.base._file.fileno())
                   for p in storage.partitions}
         for part in storage.partitions:
@@ -471,8 +471,10 @@ def open_read_only(configured, journal):
     (A composite opened from a config insists that its children show one
     state, and opens them again while the writer commits across
     partitions; a backup needs no such state, as it copies the children
-    afterwards, and would wait in vain beside a busy writer.  See
-    :func:`finished_everywhere`.)
+    afterwards, and would wait in vain beside a busy writer.  Its
+    ``lastTransaction()`` is what a backup needs: the journal is read
+    after the children opened, so a transaction finished meanwhile counts
+    as finished, and the copies, taken later, hold it.)
     """
     from compositestorage.partition import Partition
     from compositestorage.storage import CompositeStorage
@@ -487,37 +489,6 @@ def open_read_only(configured, journal):
         for child in children:
             child.storage.close()
         raise
-
-
-def finished_everywhere(storage, journal):
-    """A tid such that every transaction up to it had finished in every
-    child it touches by now, read from a read-only composite's children.
-
-    It is the greatest last *finished* transaction of the children as they
-    were opened (read from the file: a FileStorage opened read-only while
-    the writer is between vote and finish reports the unfinished
-    transaction's tid as its ``lastTransaction()``), kept below the tid of
-    a transaction the journal, read now, says is being finished.  A child
-    that had finished a transaction X: X had finished everywhere unless it
-    was still being finished, and then the journal names it; every
-    transaction before X had finished everywhere before X began (the
-    writer commits one at a time).  A later copy of each child holds them
-    all.
-    """
-    from compositestorage.journal import Journal
-    finished = []
-    for part in storage.partitions:
-        fs = part.base
-        with fs._lock:
-            finished.append(last_tid_before(fs._file, fs._pos,
-                                            fs._file_name))
-    intent = Journal(journal).read() if journal else None
-    tid = z64
-    for last in finished:
-        if intent is not None and last >= intent.tid:
-            last = p64(u64(intent.tid) - 1)
-        tid = max(tid, last)
-    return tid
 
 
 def _write_json(path, data):

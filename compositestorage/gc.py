@@ -136,36 +136,37 @@ def _references(part, oid, data):
             % (oid_hex(oid), part.name, type(e).__name__, e)) from e
 
 
-class _reader:
+class _LoadingReader:
     """``reader(oid)``: the data of ``oid``'s revision before ``limit`` in
-    ``part``'s child, or ``None`` (no such revision, or a deletion).
-
-    For a FileStorage child it reads as FileStorage's ``loadBefore`` does,
-    with the child's own index and record readers, from a file of its own:
-    the mark reads every reachable object once, and ``loadBefore``'s file
-    pool, context managers and tuple cost a third of the mark.
-    """
+    ``part``'s child, or ``None`` (no such revision, or a deletion)."""
 
     def __init__(self, part, limit):
+        self._load_before = part.storage.loadBefore
         self._limit = limit
-        base = part.base
-        if isinstance(base, FileStorage):
-            self._file = open(base._file_name, 'rb')
-            self._base = base
-        else:
-            self._file = None
-            self._load_before = part.storage.loadBefore
 
     def __call__(self, oid):
-        if self._file is not None:
-            return self._from_file(oid)
         try:
             found = self._load_before(oid, self._limit)
         except POSKeyError:
             return None
         return found[0] if found else None
 
-    def _from_file(self, oid):
+    def close(self):
+        pass
+
+
+class _FileReader(_LoadingReader):
+    """The same for a FileStorage child, read as its ``loadBefore`` reads,
+    with its own index and record readers, from a file of the mark's own:
+    the mark reads every reachable object once, and ``loadBefore``'s file
+    pool, context managers and tuple cost a third of the mark."""
+
+    def __init__(self, part, limit):
+        self._base = part.base
+        self._file = open(self._base._file_name, 'rb')
+        self._limit = limit
+
+    def __call__(self, oid):
         base = self._base
         f = self._file
         pos = base._index.get(oid)
@@ -184,8 +185,13 @@ class _reader:
         return None
 
     def close(self):
-        if self._file is not None:
-            self._file.close()
+        self._file.close()
+
+
+def _reader(part, limit):
+    if isinstance(part.base, FileStorage):
+        return _FileReader(part, limit)
+    return _LoadingReader(part, limit)
 
 
 def mark(storage, stop, progress=None):

@@ -112,6 +112,15 @@ def iter_current(storage):
     return current_records(storage)
 
 
+def blob_paths(directory):
+    """The paths of every committed blob file under ``directory``."""
+    found = set()
+    for dirpath, _, files in os.walk(str(directory)):
+        found.update(os.path.join(dirpath, f) for f in files
+                     if f.endswith('.blob'))
+    return found
+
+
 def child_records(path):
     """``{oid: data}`` of the current records of the FileStorage at path."""
     fs = FileStorage(path, read_only=True)

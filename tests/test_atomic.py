@@ -26,6 +26,7 @@ from compositestorage import CompositeStorage
 from compositestorage.errors import WriterLockedError
 from compositestorage.journal import Intent
 from compositestorage.journal import Journal
+from conftest import blob_paths
 from conftest import config_file
 from crash_writer import PARTS
 from crash_writer import RaisingInFinish
@@ -558,14 +559,6 @@ def _two_partitions(tmp_path):
         ('b', 1, FileStorage(str(tmp_path / 'b.fs'), blob_dir=blobs))])
 
 
-def _blob_files(directory):
-    found = set()
-    for dirpath, _, files in os.walk(str(directory)):
-        found.update(os.path.join(dirpath, f) for f in files
-                     if f.endswith('.blob'))
-    return found
-
-
 @pytest.mark.parametrize('after', [False, True])
 @pytest.mark.parametrize('kind', ['store', 'blob', 'undo', 'delete',
                                   'restore'])
@@ -591,7 +584,7 @@ def test_every_kind_of_transaction_is_taken_back(tmp_path, kind, after):
         tm.get().note('first')
         tm.commit()
         first = storage.lastTransaction()
-        blobs_before = _blob_files(tmp_path / 'blobs')
+        blobs_before = blob_paths(tmp_path / 'blobs')
         x_oid, y_oid = x._p_oid, y._p_oid
         part_b = storage.partition_named('b')
         part_b.storage = RaisingInFinish(part_b.storage, after, times=1)
@@ -637,7 +630,7 @@ def test_every_kind_of_transaction_is_taken_back(tmp_path, kind, after):
         assert storage.lastTransaction() == first
         for part in storage.partitions:
             assert max(t.tid for t in part.base.iterator()) == first
-        assert _blob_files(tmp_path / 'blobs') == blobs_before
+        assert blob_paths(tmp_path / 'blobs') == blobs_before
         assert storage.load(x_oid)[1] == storage.load(y_oid)[1] == first
         assert storage.journal.read() is None
         # the fault was one-off: the same transaction now commits whole

@@ -34,6 +34,7 @@ from compositestorage.cli import main as cli_main
 from compositestorage.journal import Intent
 from compositestorage.journal import Journal
 from compositestorage.verify import verify
+from conftest import blob_paths
 from conftest import THREE
 from conftest import composite_xml
 from conftest import config_file
@@ -154,14 +155,6 @@ def restore_target(tmp_path, name='out', parts=THREE):
 
 # --- cut_back --------------------------------------------------------------------
 
-def _blob_files(directory):
-    found = set()
-    for dirpath, _, files in os.walk(str(directory)):
-        found.update(os.path.join(dirpath, f) for f in files
-                     if f.endswith('.blob'))
-    return found
-
-
 def test_cut_back_a_filestorage_file_to_a_tid(tmp_path):
     path = str(tmp_path / 'Data.fs')
     blobs = str(tmp_path / 'blobs')
@@ -176,7 +169,7 @@ def test_cut_back_a_filestorage_file_to_a_tid(tmp_path):
                 with blob.open('w') as f:
                     f.write(b'blob %d' % i)
             db.storage._save_index()
-            blob_sets.append(_blob_files(blobs))
+            blob_sets.append(blob_paths(blobs))
     finally:
         db.close()
     all_tids = tids(path)
@@ -193,7 +186,7 @@ def test_cut_back_a_filestorage_file_to_a_tid(tmp_path):
         assert f.read() != stale_index
     assert fsIndex.load(path + '.index')['pos'] == os.path.getsize(path)
     # the blobs of the removed transactions went with them
-    assert _blob_files(blobs) == blob_sets[2]
+    assert blob_paths(blobs) == blob_sets[2]
     assert_zodb_tools_clean(path)
     db = ZODB.DB(FileStorage(path, blob_dir=blobs))
     try:
@@ -794,25 +787,25 @@ def test_restore_in_place_removes_the_blobs_of_what_it_cuts_off(tmp_path,
             db.close()
 
     t = commit_blobs(b'kept')
-    kept = _blob_files(blobs)
+    kept = blob_paths(blobs)
     repository = tmp_path / 'repo'
     repository.mkdir()
     code, out, err = cli(capsys, 'backup', conf, repository)
     assert code == 0, err
     assert 'repozo does not back up blobs' in out
     later = commit_blobs(b'later')
-    assert later > t and len(_blob_files(blobs)) == len(kept) + 2
+    assert later > t and len(blob_paths(blobs)) == len(kept) + 2
     # the blob directory is restored in place as a copy taken after the
     # backup would be: it holds the blobs of the later transaction
     code, out, err = cli(capsys, 'restore', conf, repository, '--force',
                          '--dry-run')
     assert code == 0, err
     assert 'would remove 2 blob file(s) later than %s' % t.hex() in out
-    assert len(_blob_files(blobs)) == len(kept) + 2
+    assert len(blob_paths(blobs)) == len(kept) + 2
     code, out, err = cli(capsys, 'restore', conf, repository, '--force')
     assert code == 0, err
     assert 'removed 2 blob file(s) later than %s' % t.hex() in out
-    assert _blob_files(blobs) == kept
+    assert blob_paths(blobs) == kept
     db = ZODB.DB(ZODB.config.storageFromFile(open(str(conf))))
     try:
         assert db.storage.lastTransaction() == t
