@@ -38,9 +38,8 @@ from ZODB.utils import z64
 
 from compositestorage.errors import CompositeStorageError
 from compositestorage.interrupts import interrupts_held_back
-from compositestorage.recovery import FILE_HEADER_LEN
 from compositestorage.recovery import cut_filestorage
-from compositestorage.recovery import transaction_before
+from compositestorage.recovery import last_tid_before
 from compositestorage.recovery import transactions_after
 
 #: The file in a repository that records the tid of a composite backup.
@@ -79,14 +78,6 @@ def describe_tid(tid):
 def _utc_now():
     return datetime.datetime.now(datetime.timezone.utc).strftime(
         '%Y-%m-%dT%H:%M:%S.%fZ')
-
-
-def last_tid_before(f, pos, name='FileStorage data'):
-    """The tid of the transaction that ends at ``pos``; ``z64`` at the
-    file's start."""
-    if pos <= FILE_HEADER_LEN:
-        return z64
-    return transaction_before(f, pos, name)[1]
 
 
 # --- cutting a FileStorage back -------------------------------------------------

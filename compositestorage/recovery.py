@@ -122,7 +122,7 @@ def last_finished(part):
     """
     child = part.base
     if isinstance(child, FileStorage):
-        return _last_transaction(child)[1]
+        return _last_transaction(child)
     if isinstance(child, MappingStorage):
         return (child._transactions.maxKey() if child._transactions
                 else z64)
@@ -158,18 +158,15 @@ def roll_back(part, tid):
 
 
 def _last_transaction(fs):
-    """``(position, tid)`` of the last committed transaction of a
-    FileStorage; ``(None, z64)`` for an empty one."""
+    """The tid of the last committed transaction of a FileStorage; ``z64``
+    for an empty one."""
     with fs._lock:
-        end = fs._pos
-        if end <= FILE_HEADER_LEN:
-            return None, z64
-        return transaction_before(fs._file, end, fs._file_name)
+        return last_tid_before(fs._file, fs._pos, fs._file_name)
 
 
 def _truncate(fs, tid):
     with fs._lock:
-        last = _last_transaction(fs)[1]
+        last = _last_transaction(fs)
         if last != tid:
             raise RecoveryError(
                 'partition file %s: its last transaction is %s, not %s; '
@@ -204,6 +201,14 @@ def transaction_before(f, end, name='FileStorage data'):
             '%s is damaged: the transaction at %d does not end at %d'
             % (name, start, end))
     return start, header.tid
+
+
+def last_tid_before(f, pos, name='FileStorage data'):
+    """The tid of the transaction that ends at ``pos`` in the FileStorage
+    data ``f``; ``z64`` at the file's start."""
+    if pos <= FILE_HEADER_LEN:
+        return z64
+    return transaction_before(f, pos, name)[1]
 
 
 def transactions_after(f, end, tid, name='FileStorage data'):
