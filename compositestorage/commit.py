@@ -19,6 +19,8 @@ import contextlib
 import logging
 import threading
 
+from ZODB._compat import dumps
+
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import StorageTransactionError
 from ZODB.Connection import TransactionMetaData
@@ -26,10 +28,13 @@ from ZODB.utils import newTid
 from ZODB.utils import z64
 
 from compositestorage.errors import CorruptStubError
+from compositestorage.errors import JournalError
 from compositestorage.faults import point as fault_point
 from compositestorage.journal import Intent
 from compositestorage.partition import is_internal
 from compositestorage.recovery import has_transaction
+from compositestorage.recovery import record_participants
+from compositestorage.recovery import with_empty_span
 from compositestorage.recovery import roll_back
 from compositestorage.references import class_of
 from compositestorage.stubs import read_stub
@@ -48,7 +53,20 @@ def internal_metadata(transaction):
     extension = dict(transaction.extension)
     extension[INTERNAL] = True
     return TransactionMetaData(transaction.user, transaction.description,
-                               extension)
+                               with_empty_span(dumps(extension, 3)))
+
+
+def children_metadata(transaction):
+    """The composite's own copy of ``transaction``'s metadata, which the
+    children are given: its extension has room for the partitions the
+    transaction spans (see :func:`compositestorage.recovery.with_empty_span`),
+    filled in before the children vote."""
+    extension = getattr(transaction, 'extension_bytes', None)
+    if extension is None:
+        extension = getattr(transaction, 'extension', None)
+        extension = dumps(extension, 3) if extension else b''
+    return TransactionMetaData(transaction.user, transaction.description,
+                               with_empty_span(extension))
 
 
 def is_internal_transaction(extension):
@@ -60,6 +78,9 @@ class TransactionState:
 
     def __init__(self, transaction, tid, status):
         self.transaction = transaction
+        #: what the children are given: ``transaction``, or a copy without
+        #: a participants key that a caller copied from a child's history
+        self.metadata = children_metadata(transaction)
         self.tid = tid
         self.status = status
         self.begun = {}          # prefix -> Partition, in order begun
@@ -170,7 +191,7 @@ class Coordinator:
         """
         if part.prefix not in state.begun:
             part.check_writable()
-            txn = state.transaction
+            txn = state.metadata
             if internal:
                 txn = internal_metadata(txn)
             if state.status == ' ':
@@ -266,6 +287,10 @@ class Coordinator:
                         if not p.read_only]
             self.begin(state, writable[0] if writable
                        else self._storage.primary)
+        if len(state.begun) > 1:
+            for part in state.begun.values():
+                record_participants(part, state.child_txn[part.prefix],
+                                    state.begun)
         for part in list(state.begun.values()):
             fault_point('vote', part.name)
             resolved = part.storage.tpc_vote(state.child_txn[part.prefix])
@@ -301,15 +326,20 @@ class Coordinator:
         parts = list(state.begun.values())
         journal = storage.journal if len(parts) > 1 else None
         if journal is not None:
-            journal.write_intent(Intent(state.tid,
-                                        [p.prefix for p in parts]))
-            fault_point('intent-written')
+            self._write_intent(state, parts, journal)
         finished, error = self._finish_children(state, parts)
         if error is not None:
             self._remove_partial(state, parts, finished, journal)
             raise error
         if journal is not None:
-            journal.clear(state.tid)
+            try:
+                journal.clear(state.tid)
+            except Exception:
+                # Every participant has finished: the transaction is
+                # complete, and recovery will find it so in every one.
+                logger.exception('could not clear the journal %s after '
+                                 'transaction %s; it finished in every '
+                                 'partition', journal.path, state.tid.hex())
             fault_point('journal-cleared')
         for part, oid, klass in state.new_stubs:
             part.stubs[oid] = klass
@@ -324,6 +354,43 @@ class Coordinator:
         finally:
             storage._ltid = state.tid
         return state.tid
+
+    def _write_intent(self, state, parts, journal):
+        """Make the intent durable, or abort every participant.
+
+        Before the intent is durable no child has finished, so a failure
+        here (a full disk, no file descriptor left) takes the transaction
+        back whole: each child is aborted, which also frees its commit
+        lock for the next transaction.
+        """
+        try:
+            fault_point('write-intent')
+            journal.write_intent(Intent(state.tid,
+                                        [p.prefix for p in parts]))
+        except Exception as e:
+            logger.error('could not write the commit journal %s for '
+                         'transaction %s', journal.path, state.tid.hex(),
+                         exc_info=True)
+            self._abort_children(state)
+            # An intent that reached the disk names this tid: never reuse it
+            self.tid_floor = max(self.tid_floor, state.tid)
+            raise JournalError(
+                'could not write the commit journal %s (%s); transaction %s '
+                'was aborted in every partition it touched (%s) and nothing '
+                'of it was committed: free disk space or file descriptors, '
+                'and commit again' % (
+                    journal.path, e, state.tid.hex(),
+                    ', '.join(p.name for p in parts))) from e
+        fault_point('intent-written')
+
+    def _abort_children(self, state):
+        for part in state.begun.values():
+            try:
+                part.storage.tpc_abort(state.child_txn[part.prefix])
+            except Exception:
+                logger.exception('partition %r failed in tpc_abort',
+                                 part.name)
+        state.begun.clear()
 
     def _finish_children(self, state, parts):
         """``(finished, error)``: finish the participants one after the
@@ -382,12 +449,7 @@ class Coordinator:
             if state is None or state.transaction is not transaction:
                 return
         try:
-            for part in state.begun.values():
-                try:
-                    part.storage.tpc_abort(state.child_txn[part.prefix])
-                except Exception:
-                    logger.exception('partition %r failed in tpc_abort',
-                                     part.name)
+            self._abort_children(state)
         finally:
             self._end()
 

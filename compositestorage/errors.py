@@ -101,6 +101,10 @@ class RecoveryError(CompositeStorageError):
     """A half-finished transaction cannot be completed or removed."""
 
 
+class JournalError(CompositeStorageError):
+    """The commit journal could not be written; nothing was committed."""
+
+
 class WriterLockedError(CompositeStorageError):
     """Another coordinator is writing to these partitions."""
 

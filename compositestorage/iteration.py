@@ -8,6 +8,7 @@ references come back in composite form.
 import base64
 import heapq
 
+from ZODB._compat import dumps
 from ZODB.BaseStorage import DataRecord
 from ZODB.BaseStorage import TransactionRecord
 from ZODB.BaseStorage import copy as base_copy
@@ -19,6 +20,7 @@ from ZODB.utils import u64
 
 from compositestorage.commit import is_internal_transaction
 from compositestorage.partition import is_internal
+from compositestorage.recovery import zodb_extension
 
 
 class CompositeTransaction(TransactionRecord):
@@ -34,10 +36,19 @@ class CompositeTransaction(TransactionRecord):
 
 
 class CompositeIterator:
-    """``iterator(start, stop)`` over all partitions, in tid order."""
+    """``iterator(start, stop)`` over all partitions, in tid order.
+
+    It stops at the last tid every participant had finished when it was
+    created (invariant 6): the children's iterators read their files as
+    they go, and would otherwise show a transaction that is finishing, or
+    one a read-only composite does not see, in some partitions only.
+    """
 
     def __init__(self, storage, start=None, stop=None):
         self._storage = storage
+        visible = storage.visible_tid()
+        if stop is None or stop > visible:
+            stop = visible
         self._iterators = [(part, part.storage.iterator(start, stop))
                            for part in storage.partitions]
         self._merged = self._merge()
@@ -87,7 +98,16 @@ class CompositeIterator:
         first = group[0][3]
         return CompositeTransaction(
             first.tid, first.status, first.user, first.description,
-            getattr(first, 'extension_bytes', first.extension), records)
+            zodb_extension(_extension_bytes(first)), records)
+
+
+def _extension_bytes(txn):
+    """A child's transaction record's pickled extension."""
+    extension = getattr(txn, 'extension_bytes', None)
+    if extension is None:
+        extension = txn.extension
+        extension = dumps(extension, 3) if extension else b''
+    return extension
 
 
 def _find_own(storage, index, token):
@@ -129,19 +149,32 @@ def _find_own(storage, index, token):
 
 
 def record_iternext(storage, next=None):
-    """IStorageCurrentRecordIteration over every partition's own records."""
+    """IStorageCurrentRecordIteration over every partition's own records,
+    each as of the last tid every participant has finished."""
     index, token = next if next is not None else (0, None)
-    found = _find_own(storage, index, token)
-    if found is None:
-        raise ValueError('no more records')
-    index, _, (oid, tid, data, after) = found[:3]
-    if after is None:
-        following = _find_own(storage, index + 1, None)
-    else:
-        following = _find_own(storage, index, after)
-    nxt = None if following is None else following[:2]
-    part = storage.partitions[index]
-    return oid, tid, storage.from_child(part, data), nxt
+    while True:
+        found = _find_own(storage, index, token)
+        if found is None:
+            raise ValueError('no more records')
+        index, _, (oid, tid, data, after) = found[:3]
+        part = storage.partitions[index]
+        if tid > storage.visible_tid():
+            # a transaction that is finishing, or that this composite
+            # does not see: its state before, or no such object yet
+            r = storage.loadBefore(oid, storage.visible_limit())
+            record = None if r is None else (r[0], r[1])
+        else:
+            record = storage.from_child(part, data), tid
+        if after is None:
+            following = _find_own(storage, index + 1, None)
+        else:
+            following = _find_own(storage, index, after)
+        nxt = None if following is None else following[:2]
+        if record is not None:
+            return oid, record[1], record[0], nxt
+        if nxt is None:
+            raise ValueError('no more records')
+        index, token = nxt
 
 
 # --- undo -----------------------------------------------------------------------
@@ -194,10 +227,15 @@ def undo(storage, transaction_id, transaction):
     return state.tid, oids
 
 
-def _visible(filter):
-    """An undoLog filter that also leaves out internal child transactions."""
+def _visible(storage, filter):
+    """An undoLog filter that also leaves out internal child transactions,
+    and those the composite does not see yet."""
+    visible_tid = storage.visible_tid()
+
     def visible(entry):
         if is_internal_transaction(entry):
+            return False
+        if tid_of(entry['id']) > visible_tid:
             return False
         return filter is None or filter(entry)
     return visible
@@ -208,7 +246,7 @@ def undo_log(storage, first=0, last=-20, filter=None):
         last = first - last
     entries = {}
     for part in storage.partitions:
-        for entry in part.storage.undoLog(0, last, _visible(filter)):
+        for entry in part.storage.undoLog(0, last, _visible(storage, filter)):
             entries.setdefault(entry['id'], entry)
     merged = sorted(entries.values(), key=lambda e: tid_of(e['id']),
                     reverse=True)
@@ -238,10 +276,10 @@ def last_invalidations(storage, count):
     for part in storage.partitions:
         child = part.storage
         if getattr(child, 'supportsUndo', lambda: False)():
-            entries = child.undoLog(0, count, _visible(None))
+            entries = child.undoLog(0, count, _visible(storage, None))
             tids.update(tid_of(e['id']) for e in entries)
         else:
-            it = child.iterator()
+            it = child.iterator(None, storage.visible_tid())
             try:
                 tids.update(t.tid for t in it
                             if not is_internal_transaction(t.extension))

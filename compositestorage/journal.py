@@ -90,14 +90,21 @@ class Journal:
         except FileNotFoundError:
             return None
 
-    def _open(self):
-        """The file, created at its fixed size (durably) the first time."""
+    def open(self):
+        """The file, created at its fixed size (durably) the first time.
+
+        A writer opens it when the composite opens, so that a full disk or
+        a process out of file descriptors is an error then, not in the
+        middle of a commit.  Its blocks are allocated, not left as a hole,
+        so writing an intent in place needs no new space.
+        """
         if self._fd is None:
             new = not os.path.exists(self.path)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                if os.fstat(fd).st_size < SLOT:
-                    os.ftruncate(fd, SLOT)
+                st = os.fstat(fd)
+                if st.st_size < SLOT or st.st_blocks * 512 < SLOT:
+                    os.posix_fallocate(fd, 0, SLOT)
                     os.fsync(fd)
                 if new:
                     self._fsync_directory()
@@ -108,16 +115,22 @@ class Journal:
         return self._fd
 
     def write_intent(self, intent):
-        """Make ``intent`` durable before any participant finishes."""
-        fd = self._open()
-        os.pwrite(fd, encode(intent), 0)
-        os.fdatasync(fd)
+        """Make ``intent`` durable before any participant finishes.
+
+        On failure the file is closed, to be opened afresh next time."""
+        try:
+            fd = self.open()
+            os.pwrite(fd, encode(intent), 0)
+            os.fdatasync(fd)
+        except BaseException:
+            self.close()
+            raise
 
     def clear(self, finished=None):
         """Forget the intent, and note ``finished`` as the last transaction
         over several partitions that every participant finished.  Not
         synced: see the module docstring."""
-        fd = self._open()
+        fd = self.open()
         os.pwrite(fd, b'\0' * len(MAGIC), 0)
         if finished is not None:
             record = FINISHED_MAGIC + finished
@@ -136,7 +149,7 @@ class Journal:
 
     def clear_durably(self):
         """Forget the intent for good (recovery, before it reports done)."""
-        fd = self._open()
+        fd = self.open()
         os.pwrite(fd, b'\0' * len(MAGIC), 0)
         os.fdatasync(fd)
 

@@ -1,23 +1,30 @@
 """Completing or removing a multi-partition transaction that did not finish.
 
-The journal (see :mod:`compositestorage.journal`) holds the intent of the
-one transaction that may have finished in some participants and not in
-others.  Recovery compares it with the children:
+Two things on disk say that a transaction spans several partitions:
 
-* every participant has the tid: the transaction is complete (the process
-  died after the last child finished, before the journal was cleared);
-* no participant has it: nothing to do (the process died before the first
-  child finished);
-* some have it: the coordinator's ``tpc_finish`` never returned, so the
-  transaction was never acknowledged, and it is rolled back in the
-  participants that have it.
+* the journal's intent (see :mod:`compositestorage.journal`), made durable
+  before the first participant finishes and cleared, without a sync, after
+  the last;
+* each participant's own record of the transaction, whose extension names
+  every participant (:data:`SPAN_MARK`), written with the data.
 
-A child has the tid as its last transaction, because the coordinator is the
-only writer and commits one transaction at a time.  Rolling a FileStorage
-child back cuts its file at the start of that transaction, removes the
-transaction's blobs and rebuilds the index (:func:`cut_filestorage`, which
-``compositestorage.backup`` uses too, to cut a restored child back to the
-tid of a backup).  Each step is idempotent, and
+Recovery decides from these, and from what each child durably holds:
+
+* every participant holds the tid: the transaction is complete, whatever
+  the children committed after it (a stale intent: the unsynced clear was
+  lost, and later one-partition commits are as durable as it is);
+* no participant holds it: nothing to do (the process died before the
+  first child finished);
+* some hold it: it was never acknowledged (``tpc_finish`` returns after the
+  last participant finished), or a child lost its tail to damage.  It is
+  rolled back in the participants that hold it, where it is their last
+  transaction; anything else is refused with a message, because taking it
+  back would take later, acknowledged transactions with it.
+
+Rolling a FileStorage child back cuts its file at the start of that
+transaction, removes the transaction's blobs and rebuilds the index
+(:func:`cut_filestorage`, which ``compositestorage.backup`` uses too, to cut
+a restored child back to the tid of a backup).  Each step is idempotent, and
 the journal is cleared (durably) only after all of them, so a crash during
 recovery is recovered by the next one.
 
@@ -32,6 +39,7 @@ from ZODB.FileStorage.format import TRANS_HDR_LEN
 from ZODB.FileStorage.format import TxnHeaderFromString
 from ZODB.MappingStorage import MappingStorage
 from ZODB.TimeStamp import TimeStamp
+from ZODB._compat import dumps
 from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
@@ -76,6 +84,67 @@ class Outcome:
         return text
 
 
+#: Appended to the pickled extension of every child's record of a
+#: transaction, then the partitions it spans, as a bitmask of prefixes (all
+#: zero when it spans one).  A pickle ends at its STOP, so ZODB and its
+#: tools read the extension as it was; the composite's readers give back
+#: the exact bytes without the span.  The length is fixed because a
+#: FileStorage takes the length of its metadata at ``tpc_begin``, before
+#: the participants are known; the bits are set before its vote.
+SPAN_MARK = b'\x00composite-span\x00'
+SPAN_BYTES = 16
+_SPAN_LEN = len(SPAN_MARK) + SPAN_BYTES
+#: The extension a child is given when ZODB's is empty: an empty dict.
+_EMPTY = dumps({}, 3)
+#: How many of each child's last transactions an open checks for one that
+#: some of its participants lack (``compositestorage verify`` checks all).
+CHECK_DEPTH = 1000
+
+
+def _has_span(extension_bytes):
+    return extension_bytes[-_SPAN_LEN:-SPAN_BYTES] == SPAN_MARK
+
+
+def zodb_extension(extension_bytes):
+    """A child's pickled extension as ZODB wrote it: without the span."""
+    if not extension_bytes or not _has_span(extension_bytes):
+        return extension_bytes
+    extension_bytes = extension_bytes[:-_SPAN_LEN]
+    return b'' if extension_bytes == _EMPTY else extension_bytes
+
+
+def with_empty_span(extension_bytes):
+    """The pickled extension a child is given for ZODB's
+    ``extension_bytes``: the same, then an empty span (and no span a caller
+    copied from a child's history)."""
+    extension_bytes = zodb_extension(extension_bytes)
+    return (extension_bytes or _EMPTY) + SPAN_MARK + bytes(SPAN_BYTES)
+
+
+def set_participants(extension_bytes, prefixes):
+    """``extension_bytes`` with its span naming ``prefixes``: the same
+    length, so a child that took it at ``tpc_begin`` can be given it."""
+    if not _has_span(extension_bytes):
+        return extension_bytes
+    mask = 0
+    for prefix in prefixes:
+        mask |= 1 << prefix
+    return extension_bytes[:-SPAN_BYTES] + mask.to_bytes(SPAN_BYTES,
+                                                         'little')
+
+
+def participants_in(extension_bytes):
+    """The prefixes a child's pickled extension names, or ``()``.
+
+    Read from the bytes, never unpickled: an extension is a client's
+    pickle, and this runs over many transactions at open."""
+    if not extension_bytes or not _has_span(extension_bytes):
+        return ()
+    mask = int.from_bytes(extension_bytes[-SPAN_BYTES:], 'little')
+    return tuple(prefix for prefix in range(SPAN_BYTES * 8)
+                 if mask >> prefix & 1)
+
+
 def recover(partitions, journal, dry_run=False):
     """Resolve the journal's intent, if any; returns an :class:`Outcome`
     or ``None``.  ``partitions`` maps prefix to partition."""
@@ -98,6 +167,8 @@ def recover(partitions, journal, dry_run=False):
         action, rolled_back = ABSENT, []
     else:
         action, rolled_back = ROLLED_BACK, [p.name for p in present]
+        _check_last(present, intent.tid, [p.name for p in parts
+                                          if p not in present])
     outcome = Outcome(intent, [p.name for p in parts], action,
                       [p.name for p in present], rolled_back, dry_run)
     if dry_run:
@@ -111,6 +182,137 @@ def recover(partitions, journal, dry_run=False):
     log = logger.warning if action == ROLLED_BACK else logger.info
     log('recovered %s', outcome)
     return outcome
+
+
+def _check_last(holders, tid, lacking):
+    """Refuse to take ``tid`` back from a holder that committed after it."""
+    for part in holders:
+        last = last_finished(part)
+        if last != tid:
+            raise RecoveryError(
+                'transaction %s spans partition(s) %s, which lack it, and '
+                'partition %r, which holds it followed by later transactions '
+                '(the last is %s); taking it back would lose those.  A child '
+                'lost part of its history (a damaged or replaced file?): '
+                'restore the composite from a backup (compositestorage '
+                'restore)' % (tid.hex(), ', '.join(lacking), part.name,
+                              last.hex()))
+
+
+class Partial:
+    """A transaction that some of the partitions it spans do not hold."""
+
+    def __init__(self, tid, participants, holders, lacking):
+        self.tid = tid
+        self.participants = participants    # prefixes, as recorded
+        self.holders = holders              # Partitions that hold it
+        self.lacking = lacking              # names (or prefixes) lacking it
+
+    def __str__(self):
+        return 'transaction %s spans %s but is missing from %s' % (
+            self.tid.hex(), ', '.join(p.name for p in self.holders)
+            + ', ' + ', '.join(self.lacking), ', '.join(self.lacking))
+
+
+def record_participants(part, metadata, prefixes):
+    """Have ``part``'s child record ``prefixes`` as the participants of the
+    transaction it is committing, before its vote.  ``metadata`` is the
+    transaction object the child was begun with (the composite's own copy).
+
+    MappingStorage reads the metadata when it finishes; FileStorage took
+    it at ``tpc_begin`` and writes it at vote, so what it took is replaced
+    (the same length).  Other children record what they were begun with.
+    """
+    extension = set_participants(metadata.extension_bytes, prefixes)
+    metadata.extension_bytes = extension
+    child = part.base
+    if isinstance(child, FileStorage) and child._ude is not None:
+        user, description, _ = child._ude
+        child._ude = (user, description, extension)
+
+
+def partial_transactions(partitions, depth=CHECK_DEPTH):
+    """The :class:`Partial` transactions among each child's last ``depth``
+    ones, oldest first.  ``partitions`` maps prefix to partition.
+
+    A child that lost its tail (a damaged file, cut by FileStorage when it
+    opens) lacks transactions whose tids are above its last one; the other
+    participants still name it in their records of them.  Only tids above
+    the lowest last tid of all children can be lacking that way, so the
+    walk back stops there.
+    """
+    last = {prefix: last_finished(part)
+            for prefix, part in partitions.items()}
+    if not last:
+        return []
+    floor = min(last.values())
+    found = {}
+    for part in partitions.values():
+        for tid, prefixes in recent_transactions(part, floor, depth):
+            if tid in found or len(prefixes) < 2:
+                continue
+            if any(prefix not in last or last[prefix] < tid
+                   for prefix in prefixes):
+                found[tid] = prefixes
+    result = []
+    for tid in sorted(found):
+        prefixes = found[tid]
+        holders = [partitions[q] for q in prefixes
+                   if q in last and has_transaction(partitions[q], tid)]
+        lacking = [partitions[q].name if q in partitions
+                   else 'prefix %d (not configured)' % q
+                   for q in prefixes
+                   if partitions.get(q) not in holders]
+        result.append(Partial(tid, prefixes, holders, lacking))
+    return result
+
+
+def remove_partial(partitions, depth=CHECK_DEPTH, dry_run=False):
+    """Take back every transaction that some of its partitions lost.
+
+    As FileStorage loses a damaged last transaction whole, the composite
+    removes such a transaction from the partitions that still hold it,
+    newest first, where it is their last one; otherwise it refuses
+    (:func:`_check_last`).  Returns the :class:`Partial` transactions.
+    """
+    partial = partial_transactions(partitions, depth)
+    for entry in reversed(partial):
+        _check_last(entry.holders, entry.tid, entry.lacking)
+        if dry_run:
+            continue
+        for part in entry.holders:
+            roll_back(part, entry.tid)
+        logger.warning('partition(s) %s lost transaction %s; it was taken '
+                       'back from %s, which held it', ', '.join(entry.lacking),
+                       entry.tid.hex(),
+                       ', '.join(p.name for p in entry.holders))
+    return partial
+
+
+def recent_transactions(part, floor, depth):
+    """``(tid, participant prefixes)`` of ``part``'s child's transactions
+    above ``floor``, newest first, at most ``depth`` of them.  Children
+    that keep no transaction metadata give none."""
+    child = part.base
+    if isinstance(child, FileStorage):
+        return _recent_file_transactions(child, floor, depth)
+    return ()
+
+
+def _recent_file_transactions(fs, floor, depth):
+    result = []
+    with fs._lock:
+        f, pos = fs._file, fs._pos
+        while pos > FILE_HEADER_LEN and len(result) < depth:
+            start, tid = transaction_before(f, pos, fs._file_name)
+            if tid <= floor:
+                break
+            f.seek(start)
+            header = TxnHeaderFromString(f.read(TRANS_HDR_LEN))
+            f.seek(start + TRANS_HDR_LEN + header.ulen + header.dlen)
+            result.append((tid, participants_in(f.read(header.elen))))
+            pos = start
+    return result
 
 
 def last_finished(part):
@@ -130,15 +332,28 @@ def last_finished(part):
 
 
 def has_transaction(part, tid):
-    """Whether ``part``'s child holds ``tid`` (as its last transaction)."""
+    """Whether ``part``'s child holds transaction ``tid``.
+
+    Usually ``tid`` is the child's last transaction; after a lost journal
+    clear (a power loss) later ones may follow, and are walked past.
+    """
     last = last_finished(part)
-    if last > tid:
-        raise RecoveryError(
-            'partition %r holds transaction %s, later than %s which the '
-            'journal says was being committed: something else wrote to its '
-            'child; restore it from a backup' % (
-                part.name, last.hex(), tid.hex()))
-    return last == tid
+    if last <= tid:
+        return last == tid
+    child = part.base
+    if isinstance(child, FileStorage):
+        with child._lock:
+            _, tids = transactions_after(child._file, child._pos,
+                                         p64(u64(tid) - 1),
+                                         child._file_name)
+        return bool(tids) and tids[0] == tid
+    if isinstance(child, MappingStorage):
+        return tid in child._transactions
+    it = child.iterator(tid, tid)
+    try:
+        return any(t.tid == tid for t in it)
+    finally:
+        getattr(it, 'close', lambda: None)()
 
 
 def roll_back(part, tid):

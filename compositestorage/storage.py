@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+import weakref
 
 import zope.interface
 from ZEO.interfaces import IServeable
@@ -32,6 +33,7 @@ from compositestorage import iteration
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import UnknownPartitionError
+from compositestorage.errors import WriterLockedError
 from compositestorage.errors import WritesRefusedError
 from compositestorage.journal import decode
 from compositestorage.journal import lock_writer
@@ -45,8 +47,11 @@ from compositestorage.partition import check_foreign_records
 from compositestorage.partition import check_layout
 from compositestorage.partition import check_maps
 from compositestorage.placement import make_policy
+from compositestorage.recovery import has_transaction
 from compositestorage.recovery import last_finished
+from compositestorage.recovery import partial_transactions
 from compositestorage.recovery import recover
+from compositestorage.recovery import remove_partial
 from compositestorage.references import STUB_MARK
 from compositestorage.references import class_of
 from compositestorage.references import hints_to_classes
@@ -101,6 +106,7 @@ class CompositeStorage(blobs.BlobMethods):
         self.__name__ = name or 'Composite(%s)' % ', '.join(
             '%s=%s' % (p.name, p.storage.getName()) for p in self.partitions)
         self._refused = None
+        self._opened = True
         #: what each partition lost in this process's last pack
         self.last_pack = None
         self.journal = open_journal(journal, self.primary)
@@ -125,28 +131,38 @@ class CompositeStorage(blobs.BlobMethods):
     def _open_journal(self, seen=None):
         """Become the one writer, recover, and find what loads may see.
 
-        A writer takes the lock beside the journal and completes or removes
-        a transaction the journal says had begun to finish.  A read-only
-        composite recovers nothing: it does not see a transaction whose
-        intent was in the journal as its children opened (``seen``, the
-        journal's bytes then, when the opener read them; else read now),
-        nor one a child was still writing.
+        A writer takes the lock beside the journal, completes or removes a
+        transaction the journal says had begun to finish, and takes back
+        a transaction that a damaged child lost from the others
+        (:func:`~compositestorage.recovery.remove_partial`).  A read-only
+        composite changes nothing: it does not see a transaction that some
+        of its partitions lack, whether the journal's intent names it (as
+        the journal was while its children opened: ``seen``, when the
+        opener read it; else read now) or the children's own records do.
         """
         journal = self.journal
         self.recovered = None
+        self.partial = []
         hide = None
         if journal is not None:
             if self._read_only:
                 intent = journal.read() if seen is None else decode(seen)
-                hide = intent.tid if intent is not None else None
+                hide = self._unfinished(intent)
             else:
                 self._writer_lock = lock_writer(journal)
+                journal.open()
                 self.recovered = recover(self._by_prefix, journal)
         elif not self._read_only and len(self.partitions) > 1:
             logger.warning(
                 '%s: no journal (its primary is not a FileStorage and no '
                 'journal path is configured), so a transaction over several '
                 'partitions is not crash-safe', self.__name__)
+        if not self._read_only:
+            self._guard_children()
+            self.partial = remove_partial(self._by_prefix)
+        else:
+            for entry in partial_transactions(self._by_prefix):
+                hide = entry.tid if hide is None else min(hide, entry.tid)
         last = z64
         for p in self.partitions:
             tid = (last_finished(p) if self._read_only
@@ -157,6 +173,38 @@ class CompositeStorage(blobs.BlobMethods):
         self._ltid = last
         #: The last tid every participant has finished: what loads may see.
         self.advance_visible(self._ltid)
+
+    def _unfinished(self, intent):
+        """``intent``'s tid, unless every partition it names holds it."""
+        if intent is None:
+            return None
+        parts = [self._by_prefix.get(prefix) for prefix in intent.prefixes]
+        if all(p is not None and has_transaction(p, intent.tid)
+               for p in parts):
+            return None
+        return intent.tid
+
+    def _guard_children(self):
+        """Refuse a child another writable composite of this process uses.
+
+        Across processes the writer lock beside the journal guards the
+        composite, and FileStorage locks its own files; see "One writer"
+        in docs/commit-protocol.rst for each kind of child.
+        """
+        for p in self.partitions:
+            if p.read_only:
+                continue
+            owner = getattr(p.base, '_compositestorage_writer', None)
+            owner = owner() if owner is not None else None
+            if owner is not None and owner is not self and owner._opened:
+                raise WriterLockedError(
+                    'partition %r: its child %s is already written by %r in '
+                    'this process; close that one first, or open this '
+                    'composite read-only' % (p.name, p.storage.getName(),
+                                             owner))
+        for p in self.partitions:
+            if not p.read_only:
+                p.base._compositestorage_writer = weakref.ref(self)
 
     def _release_writer_lock(self):
         if self.journal is not None:
@@ -305,6 +353,15 @@ class CompositeStorage(blobs.BlobMethods):
         self._visible_limit = p64(u64(tid) + 1)
         self._visible_tid = tid
 
+    def visible_tid(self):
+        """The last tid every participant has finished: what every reader
+        may see (invariant 6)."""
+        return self._visible_tid
+
+    def visible_limit(self):
+        """The tid a ``loadBefore`` for the visible state asks with."""
+        return self._visible_limit
+
     def lastTransaction(self):
         with self._finish_lock:
             return self._ltid
@@ -313,6 +370,7 @@ class CompositeStorage(blobs.BlobMethods):
         """Nothing to do: invalidations reach ZODB through tpc_finish."""
 
     def close(self):
+        self._opened = False
         try:
             for p in self.partitions:
                 p.storage.close()
@@ -408,15 +466,35 @@ class CompositeStorage(blobs.BlobMethods):
 
     def loadSerial(self, oid, serial):
         part = self._home(oid)
+        if serial > self._visible_tid:
+            raise POSException.POSKeyError(oid, serial)
         return self.from_child(part, part.storage.loadSerial(oid, serial))
 
     def getTid(self, oid):
         part = self._home(oid)
-        return part.storage.getTid(oid)
+        tid = part.storage.getTid(oid)
+        if tid > self._visible_tid:
+            r = self.loadBefore(oid, self._visible_limit)
+            if r is None:
+                raise POSException.POSKeyError(oid)
+            tid = r[1]
+        return tid
 
     def history(self, oid, size=1):
+        """The child's history of ``oid``, without revisions the composite
+        does not see yet."""
         part = self._home(oid)
-        return part.storage.history(oid, size)
+        visible = self._visible_tid
+        want = size
+        while True:
+            found = part.storage.history(oid, want)
+            entries = [d for d in found if d['tid'] <= visible]
+            if len(entries) >= size or len(found) < want:
+                break
+            want += size - len(entries)
+        if not entries:
+            raise POSException.POSKeyError(oid)
+        return entries[:size]
 
     # --- writing ----------------------------------------------------------------
 
