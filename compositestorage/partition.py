@@ -29,6 +29,7 @@ from compositestorage.errors import PartitionFullError
 from compositestorage.errors import PartitionMapError
 from compositestorage.errors import ReadOnlyPartitionError
 from compositestorage.errors import oid_hex
+from compositestorage.references import class_of
 from compositestorage.references import quick_check
 from compositestorage.stubs import load_internal_record
 from compositestorage.stubs import stub_record
@@ -270,6 +271,31 @@ class Partition:
             return sum(1 for oid in child._data if oid[0] != self.prefix)
         return None
 
+    def describe_records(self):
+        """What a child without a map holds, in words, or ``None`` if empty.
+
+        How many records and the class of its root (``z64``) where the
+        child can count cheaply; else whether it has committed anything.
+        """
+        stubs = self.count_stubs()
+        if stubs is not None:
+            count = stubs + self.count_own()
+            if not count:
+                return None
+            held = 'holds %d record%s' % (count, '' if count == 1 else 's')
+        elif self.storage.lastTransaction() != z64:
+            held = 'has committed transactions (the last %s)' % (
+                oid_hex(self.storage.lastTransaction()))
+        else:
+            return None
+        try:
+            root = class_of(self.storage.load(z64)[0])
+        except POSKeyError:
+            root = None
+        if root:
+            held += ' (its root, oid %s, is a %s.%s)' % (oid_hex(z64), *root)
+        return held
+
     def first_oid_with_prefix(self, prefix):
         child = self.base
         start = bytes((prefix,)) + b'\0' * 7
@@ -379,6 +405,9 @@ def check_maps(partitions, primary, root_class):
     another composite, or that records a partition the config lacks.
     """
     maps = {p: p.read_map() for p in partitions}
+    for part, recorded in maps.items():
+        if recorded is None and part is not primary:
+            check_no_records(part)
     configured = {p.name: p.prefix for p in partitions}
     mapped = [p for p, m in maps.items() if m]
     if maps[primary]:
@@ -440,3 +469,32 @@ def check_maps(partitions, primary, root_class):
             records.append((z64, stub_record(primary.name, root_class)))
         pending[part] = records
     return identity, pending
+
+
+def check_no_records(part):
+    """Refuse a secondary whose child is a database of its own.
+
+    The composite writes a child's partition map in the first transaction
+    that writes to it, so a secondary without a map has never been written
+    by a composite.  If it holds records anyway, it is some other database
+    (a ``tenant.fs`` configured as a partition to merge it, say): its
+    records would be taken for stubs, its root overwritten by the root stub
+    in the next commit and everything else removed by the next pack.  It is
+    refused before anything is written.  Only the primary adopts an
+    existing database, because its oids and root are the composite's.
+    """
+    held = part.describe_records()
+    if held is None:
+        return
+    raise PartitionMapError(
+        'partition %r (prefix %d) is configured on %s, which %s but no '
+        'partition map: it is a database of its own, not a partition of '
+        'this composite, and as a secondary it would lose every record '
+        '(its root overwritten by a stub, the rest removed by the next '
+        'pack).  Nothing was written.  An existing database can be adopted '
+        'only as the primary (prefix 0) of a composite; to merge its '
+        'objects into this one, give partition %r a new file, export them '
+        'from this one with ZODB\'s Connection.exportFile and import them '
+        'with default-partition %s (README: "Adopting an existing '
+        'database")' % (part.name, part.prefix, part.storage.getName(),
+                        held, part.name, part.name))
