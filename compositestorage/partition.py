@@ -10,13 +10,16 @@ top oid of its prefix range.  It says which partition of which composite the
 child belongs to, so a renamed, renumbered or doubly used child is refused.
 """
 import io
+import os
 import threading
 import uuid
 
 import persistent
+from ZODB.FileStorage import FileIterator
 from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
+from ZODB.POSException import ReadConflictError
 from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
@@ -205,13 +208,23 @@ class Partition:
                 return None
             return oid if oid[0] == self.prefix else None
         best = None
-        for oid in self._own_oids():
+        for oid in self.own_oids():
             if best is None or oid > best:
                 best = oid
         return best
 
-    def _own_oids(self):
+    def own_oids(self):
+        """The oids of this partition's own current records (not the map),
+        an iterable; for a FileStorage one that reads its index lazily."""
         child = self.base
+        if isinstance(child, FileStorage):
+            # fsIndex keeps a bucket of 2-byte suffixes per 6-byte prefix
+            lo = bytes((self.prefix,)) + b'\0' * 5
+            hi = bytes((self.prefix,)) + b'\xff' * 5
+            return (head + tail
+                    for head, bucket in child._index._data.items(lo, hi)
+                    for tail in bucket.keys()
+                    if head + tail != self.map_oid)
         if isinstance(child, MappingStorage):
             oids = list(child._data)
         elif hasattr(child, 'record_iternext'):
@@ -314,7 +327,7 @@ class Partition:
             if self.map_oid in index:
                 n -= 1
             return n
-        return len(self._own_oids())
+        return sum(1 for _ in self.own_oids())
 
     # --- the partition map ------------------------------------------------
 
@@ -371,6 +384,73 @@ class Partition:
             return self.storage.getTid(oid)
         except (POSKeyError, KeyError):
             return None
+
+    def check_current_serial(self, oid, serial):
+        """``checkCurrentSerialInTransaction`` for a read-only partition.
+
+        A read-only child is never begun: it takes no part in the commit,
+        and a read-only FileStorage refuses ``tpc_begin``.  So the serial
+        is checked here, against the child's current record, and a stale
+        one raises ZODB's ``ReadConflictError`` with the oid and both
+        serials, as the child itself would.
+
+        ZODB's contract is that the serial is still current when the
+        transaction commits.  The check runs when ZODB asks, inside the
+        transaction, not at vote.  For a partition only this composite can
+        write that is the same thing: the composite never writes a
+        read-only partition, and a child opened for writing holds its lock
+        against every other process.  A child opened read-only can be
+        written by another process meanwhile (the archive's own
+        application, say).  Its FileStorage does not read what that
+        process appends after it opened, so the appended tail of the file
+        is read too.  No lock is shared with that process, so there is a
+        window until the commit finishes whenever the check runs, and
+        checking at vote would narrow it without closing it.
+        """
+        committed = self.current_serial(oid)
+        if committed is None:
+            raise POSKeyError(oid)
+        if committed != serial:
+            raise ReadConflictError(oid=oid, serials=(committed, serial))
+        elsewhere = self.serial_written_elsewhere(oid)
+        if elsewhere is not None:
+            raise ReadConflictError(
+                'partition %r is read-only here and oid %s was changed by '
+                'another process writing %s since this composite opened '
+                'it; reopen the composite to read the change'
+                % (self.name, oid_hex(oid), self.storage.getName()),
+                oid=oid, serials=(elsewhere, serial))
+
+    def serial_written_elsewhere(self, oid):
+        """The tid of ``oid``'s newest record that another process has
+        appended to this child's file since it was opened, or ``None``.
+
+        Only a FileStorage opened read-only can be written by another
+        process (a writable one holds its lock), and it reads only what
+        its index covered when it opened.  Only the appended tail is read.
+        A file another process has packed (replaced) since cannot be
+        checked, and counts as changed.
+        """
+        base = self.base
+        if not isinstance(base, FileStorage) or not base.isReadOnly():
+            return None
+        try:
+            on_disk = os.stat(base._file_name)
+        except OSError:
+            return None
+        if on_disk.st_ino != os.fstat(base._file.fileno()).st_ino:
+            return base._ltid       # a tid newer than ours is unknowable
+        if on_disk.st_size <= base._pos:
+            return None
+        found = None
+        tail = FileIterator(base._file_name, pos=base._pos)
+        try:
+            for txn in tail:
+                if any(r.oid == oid for r in txn):
+                    found = txn.tid
+        finally:
+            tail.close()
+        return found
 
 
 def _names(partitions):

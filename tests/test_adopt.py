@@ -169,6 +169,7 @@ def test_existing_database_refused_as_secondary(tmp_path, read_only):
     import ZODB.config
     tenant_fs = tmp_path / 'tenant.fs'
     make_tenant_fs(str(tenant_fs))
+    FileStorage(str(tmp_path / 'main.fs')).close()
     before = tenant_fs.read_bytes()
     with pytest.raises(PartitionMapError) as exc:
         ZODB.config.storageFromString(tenant_config(
