@@ -35,6 +35,10 @@ Grammar::
   ``read_only``, ``pack_gc``
       Booleans: ``true``/``false``, ``1``/``0``, ``yes``/``no``,
       ``on``/``off``.  ``read_only`` defaults to false, ``pack_gc`` to true.
+      A read-only composite opens every child read-only: ``file:`` and
+      ``zeo:`` children get ``read_only=1``, nested ``composite:`` children
+      ``read_only=true`` and ``zconfig:`` children every section marked
+      read-only; other schemes open as their URI says.
   ``database_name``, ``connection_cache_size``, ``connection_pool_size``, ...
       zodburi's database keywords (``zodburi.PARAMETERS``), returned as the
       resolver's ``dbkw``.

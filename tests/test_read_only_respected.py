@@ -344,3 +344,29 @@ def test_read_only_composite_creates_no_file(tmp_path):
         ZODB.config.storageFromString(config(tmp_path, top='read-only true'))
     assert not (tmp_path / 'archive.fs').exists()
     FileStorage(str(tmp_path / 'main.fs')).close()   # no lock left behind
+
+
+def test_read_current_in_read_only_partition_through_zeo(tmp_path, archive):
+    """The same through a ZEO server, which calls the composite's
+    checkCurrentSerialInTransaction for its client."""
+    import ZEO
+    before = read(tmp_path / 'archive.fs')
+    text = config(tmp_path, *READ_ONLY['partition']).replace(
+        '<compositestorage>', '<compositestorage 1>')
+    addr, stop = ZEO.server(storage_conf=text)
+    try:
+        db = ZEO.DB(addr)
+        try:
+            tm = new_tm()
+            conn = db.open(tm)
+            root = conn.root()
+            entry = root['docs']['entry']
+            assert entry['rev'] == 2        # loaded: a ghost has no serial
+            conn.readCurrent(entry)
+            root['doc']['title'] = 'through zeo'
+            tm.commit()
+        finally:
+            db.close()
+    finally:
+        stop()
+    assert read(tmp_path / 'archive.fs') == before
