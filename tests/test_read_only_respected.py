@@ -115,6 +115,17 @@ def archive(tmp_path):
 
 # --- readCurrent -------------------------------------------------------------
 
+def open_entry(db):
+    """``(tm, conn, root, entry)``, the archive's entry loaded: a ghost
+    has no serial, so readCurrent would record nothing."""
+    tm = new_tm()
+    conn = db.open(tm)
+    root = conn.root()
+    entry = root['docs']['entry']
+    assert entry['rev'] == 2
+    return tm, conn, root, entry
+
+
 @pytest.mark.parametrize('how', sorted(READ_ONLY))
 def test_read_current_in_read_only_partition(tmp_path, archive, how):
     """readCurrent of an object in a read-only partition, in a commit that
@@ -122,11 +133,7 @@ def test_read_current_in_read_only_partition(tmp_path, archive, how):
     before = read(tmp_path / 'archive.fs')
     db = open_db(tmp_path, how)
     try:
-        tm = new_tm()
-        conn = db.open(tm)
-        root = conn.root()
-        entry = root['docs']['entry']
-        assert entry['rev'] == 2
+        tm, conn, root, entry = open_entry(db)
         conn.readCurrent(entry)
         root['doc']['title'] = 'changed'
         tm.commit()
@@ -189,11 +196,7 @@ def test_read_current_sees_another_writer_of_the_archive(tmp_path, archive):
     that says to reopen, and the commit writes nothing."""
     db = open_db(tmp_path, 'child')
     try:
-        tm = new_tm()
-        conn = db.open(tm)
-        root = conn.root()
-        entry = root['docs']['entry']
-        assert entry['rev'] == 2
+        tm, conn, root, entry = open_entry(db)
         subprocess.run([sys.executable, '-c', CHANGE_ENTRY,
                         str(tmp_path / 'archive.fs'),
                         archive['entry'].hex()], check=True, timeout=120)
@@ -357,11 +360,7 @@ def test_read_current_in_read_only_partition_through_zeo(tmp_path, archive):
     try:
         db = ZEO.DB(addr)
         try:
-            tm = new_tm()
-            conn = db.open(tm)
-            root = conn.root()
-            entry = root['docs']['entry']
-            assert entry['rev'] == 2        # loaded: a ghost has no serial
+            tm, conn, root, entry = open_entry(db)
             conn.readCurrent(entry)
             root['doc']['title'] = 'through zeo'
             tm.commit()
