@@ -29,6 +29,9 @@ import zc.lockfile
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import z64
 
+from compositestorage.config import all_sections as _sections
+from compositestorage.config import make_read_only
+
 PROG = 'compositestorage'
 
 #: Where ``serve`` listens when neither ``--address`` nor a config says.
@@ -249,45 +252,6 @@ def format_info(info):
 
 
 # --- opening read-only -----------------------------------------------------
-
-def _sections(opener, _seen=None):
-    """Every section of a parsed storage section, itself included.
-
-    Works on the openers ``ZODB.config`` builds (``<filestorage>``,
-    ``<zeoclient>``, ...) and on ``<compositestorage>`` with its
-    ``<partition>`` sections: yields their ``SectionValue`` objects and
-    the ``PartitionSection`` objects.
-    """
-    from ZConfig.matcher import SectionValue
-    from ZODB.config import BaseConfig
-
-    from compositestorage.config import PartitionSection
-    seen = set() if _seen is None else _seen
-    if id(opener) in seen:
-        return
-    seen.add(id(opener))
-    if isinstance(opener, (list, tuple)):
-        for item in opener:
-            yield from _sections(item, seen)
-    elif isinstance(opener, PartitionSection):
-        yield opener
-        yield from _sections(opener.storage, seen)
-    elif isinstance(opener, BaseConfig):
-        yield from _sections(opener.config, seen)
-    elif isinstance(opener, SectionValue):
-        yield opener
-        for name, value in list(vars(opener).items()):
-            if not name.startswith('_'):
-                yield from _sections(value, seen)
-
-
-def make_read_only(opener):
-    """Mark a parsed storage section, and every section in it, read-only,
-    before anything is opened."""
-    for section in _sections(opener):
-        if hasattr(section, 'read_only'):
-            section.read_only = True
-
 
 def drop_blob_dirs(opener):
     """Open without blob directories: ``info`` reads no blob, and a
@@ -792,7 +756,11 @@ def cmd_pack(args, out=None):
         storage.close()
     print('packed in %.1f s' % (time.time() - started), file=out)
     if composite:
+        from compositestorage.gc import UNTOUCHED
         for name, lost in removed.items():
+            if lost.get('read_only'):
+                print('%s: %s' % (name, UNTOUCHED), file=out)
+                continue
             print('%s: removed %s objects, %s stubs, %s bytes' % (
                 name, *['?' if lost[key] is None else lost[key]
                         for key in ('objects', 'stubs', 'bytes')]),

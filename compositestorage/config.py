@@ -40,6 +40,10 @@ class CompositeStorageConfig(BaseConfig):
         path = journal_path(c.journal, sections)
         seen = None
         if c.read_only:
+            # Every child read-only too: a writable FileStorage takes its
+            # lock, so a read-only composite could not open beside the
+            # writer, and would create missing files.
+            make_read_only(sections)
             opened, seen = open_children_consistently(
                 lambda: open_children(sections), close_all, path)
         else:
@@ -92,3 +96,39 @@ def check_sections(sections, default_partition=None):
         key = ('file', os.path.realpath(path)) if path else None
         layout.append((s.name, s.prefix, s.storage, key))
     check_layout(layout, default_partition)
+
+
+def all_sections(opener, _seen=None):
+    """Every section of a parsed storage section, itself included.
+
+    Works on the openers ``ZODB.config`` builds (``<filestorage>``,
+    ``<zeoclient>``, ...) and on ``<compositestorage>`` with its
+    ``<partition>`` sections: yields their ``SectionValue`` objects and
+    the ``PartitionSection`` objects.
+    """
+    from ZConfig.matcher import SectionValue
+    seen = set() if _seen is None else _seen
+    if id(opener) in seen:
+        return
+    seen.add(id(opener))
+    if isinstance(opener, (list, tuple)):
+        for item in opener:
+            yield from all_sections(item, seen)
+    elif isinstance(opener, PartitionSection):
+        yield opener
+        yield from all_sections(opener.storage, seen)
+    elif isinstance(opener, BaseConfig):
+        yield from all_sections(opener.config, seen)
+    elif isinstance(opener, SectionValue):
+        yield opener
+        for name, value in list(vars(opener).items()):
+            if not name.startswith('_'):
+                yield from all_sections(value, seen)
+
+
+def make_read_only(opener):
+    """Mark a parsed storage section, and every section in it, read-only,
+    before anything is opened."""
+    for section in all_sections(opener):
+        if hasattr(section, 'read_only'):
+            section.read_only = True

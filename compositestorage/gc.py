@@ -28,12 +28,19 @@ a stub: a commit may refer through a stub that the verdict, taken earlier,
 did not keep.  So while a pack runs, the commit coordinator writes such
 stubs again in the committing transaction (see ``Coordinator.packing``).
 
+A read-only partition (``read-only true``, or a child opened read-only) is
+never packed: the sweep leaves its file as it is, and the report says so.
+All it holds therefore stays, so its current records are roots of the
+mark, and what they reference in other partitions is kept alive
+(DESIGN.md, invariant 7).
+
 A Ctrl-C (``KeyboardInterrupt``) during the mark leaves every child as it
 was.  Once the sweep has begun, the partitions must all be swept, or the
 garbage of one would refer to the collected garbage of another: an
 interrupt there is held back until the last child is packed, then raised.
 """
 import inspect
+import itertools
 import logging
 import time
 
@@ -58,6 +65,10 @@ from compositestorage.verify import estimate
 
 logger = logging.getLogger(__name__)
 
+#: What the pack's report says of a read-only partition.
+UNTOUCHED = ('left untouched, it is read-only (what it references was '
+             'kept)')
+
 
 def pack_tid(t):
     return TimeStamp(*time.gmtime(t)[:5] + (t % 60,)).raw()
@@ -73,28 +84,29 @@ def pack(storage, t, gc=True, progress=None):
     (partitions).  Returns what each partition lost (see ``_removed``).
     """
     progress = progress or quiet
-    before = {part: _sizes(part) for part in storage.partitions}
+    writable = [part for part in storage.partitions if not part.read_only]
+    before = {part: _sizes(part) for part in writable}
     if not gc:
-        for part in storage.partitions:
+        for part in writable:
             part.storage.pack(t, referencesf, gc=False)
-        return _removed(before)
+        return _removed(storage, before)
     with storage._coordinator.packing():
         keep = mark(storage, pack_tid(t), progress)
-        shown = progress('pack: sweep', len(storage.partitions), 'partitions')
+        shown = progress('pack: sweep', len(writable), 'partitions')
         try:
             with interrupts_held_back(
                     'pack: finishing the sweep of every partition first, so '
                     'that they agree',
                     'the pack finished sweeping every partition before it '
                     'stopped'):
-                for part in storage.partitions:
+                for part in writable:
                     sweep(part, t, keep.pop(part))
                     part.stubs.clear()
                     shown.update(1)
                     fault_point('pack', 'swept', part.name)
         finally:
             shown.close()
-    return _removed(before)
+    return _removed(storage, before)
 
 
 def _sizes(part):
@@ -106,12 +118,18 @@ def _sizes(part):
             'bytes': part.storage.getSize()}
 
 
-def _removed(before):
+def _removed(storage, before):
     """``{partition name: {'objects', 'stubs', 'bytes'}}`` removed (``None``
     where not counted), each partition's also logged: a pack through ZEO
-    runs in the server, whose log is where an operator finds it."""
+    runs in the server, whose log is where an operator finds it.  A
+    read-only partition, left untouched, gets ``{'read_only': True}``."""
     removed = {}
-    for part, was in before.items():
+    for part in storage.partitions:
+        if part not in before:
+            removed[part.name] = {'read_only': True}
+            logger.info('pack: partition %r: %s', part.name, UNTOUCHED)
+            continue
+        was = before[part]
         now = _sizes(part)
         removed[part.name] = lost = {
             key: None if was[key] is None or now[key] is None
@@ -208,6 +226,11 @@ def mark(storage, stop, progress=None):
         if p.prefix != 0:
             verdict.insert(0)       # a secondary's root stub, at z64
     todo = [z64]
+    # A read-only partition is never swept, so all it holds stays, and
+    # everything its current records reference must stay with it: they
+    # are roots too, fed to the walk a batch at a time.
+    roots = itertools.chain.from_iterable(
+        p.own_oids() for p in storage.partitions if p.read_only)
 
     # Records written after the pack time stay (the child's packer copies
     # them).  As in FileStorage, that does not keep their own oid's older
@@ -241,7 +264,11 @@ def mark(storage, stop, progress=None):
     try:
         for part in storage.partitions:
             readers[part] = _reader(part, limit)
-        while todo:
+        while True:
+            if not todo:
+                todo.extend(itertools.islice(roots, 1000))
+                if not todo:
+                    break
             oid = todo.pop()
             part = by_prefix.get(oid[0])
             if part is None:

@@ -10,13 +10,16 @@ top oid of its prefix range.  It says which partition of which composite the
 child belongs to, so a renamed, renumbered or doubly used child is refused.
 """
 import io
+import os
 import threading
 import uuid
 
 import persistent
+from ZODB.FileStorage import FileIterator
 from ZODB.FileStorage import FileStorage
 from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
+from ZODB.POSException import ReadConflictError
 from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
@@ -29,6 +32,7 @@ from compositestorage.errors import PartitionFullError
 from compositestorage.errors import PartitionMapError
 from compositestorage.errors import ReadOnlyPartitionError
 from compositestorage.errors import oid_hex
+from compositestorage.references import class_of
 from compositestorage.references import quick_check
 from compositestorage.stubs import load_internal_record
 from compositestorage.stubs import stub_record
@@ -204,13 +208,23 @@ class Partition:
                 return None
             return oid if oid[0] == self.prefix else None
         best = None
-        for oid in self._own_oids():
+        for oid in self.own_oids():
             if best is None or oid > best:
                 best = oid
         return best
 
-    def _own_oids(self):
+    def own_oids(self):
+        """The oids of this partition's own current records (not the map),
+        an iterable; for a FileStorage one that reads its index lazily."""
         child = self.base
+        if isinstance(child, FileStorage):
+            # fsIndex keeps a bucket of 2-byte suffixes per 6-byte prefix
+            lo = bytes((self.prefix,)) + b'\0' * 5
+            hi = bytes((self.prefix,)) + b'\xff' * 5
+            return (head + tail
+                    for head, bucket in child._index._data.items(lo, hi)
+                    for tail in bucket.keys()
+                    if head + tail != self.map_oid)
         if isinstance(child, MappingStorage):
             oids = list(child._data)
         elif hasattr(child, 'record_iternext'):
@@ -270,6 +284,31 @@ class Partition:
             return sum(1 for oid in child._data if oid[0] != self.prefix)
         return None
 
+    def describe_records(self):
+        """What a child without a map holds, in words, or ``None`` if empty.
+
+        How many records and the class of its root (``z64``) where the
+        child can count cheaply; else whether it has committed anything.
+        """
+        stubs = self.count_stubs()
+        if stubs is not None:
+            count = stubs + self.count_own()
+            if not count:
+                return None
+            held = 'holds %d record%s' % (count, '' if count == 1 else 's')
+        elif self.storage.lastTransaction() != z64:
+            held = 'has committed transactions (the last %s)' % (
+                oid_hex(self.storage.lastTransaction()))
+        else:
+            return None
+        try:
+            root = class_of(self.storage.load(z64)[0])
+        except POSKeyError:
+            root = None
+        if root:
+            held += ' (its root, oid %s, is a %s.%s)' % (oid_hex(z64), *root)
+        return held
+
     def first_oid_with_prefix(self, prefix):
         child = self.base
         start = bytes((prefix,)) + b'\0' * 7
@@ -288,7 +327,7 @@ class Partition:
             if self.map_oid in index:
                 n -= 1
             return n
-        return len(self._own_oids())
+        return sum(1 for _ in self.own_oids())
 
     # --- the partition map ------------------------------------------------
 
@@ -346,6 +385,73 @@ class Partition:
         except (POSKeyError, KeyError):
             return None
 
+    def check_current_serial(self, oid, serial):
+        """``checkCurrentSerialInTransaction`` for a read-only partition.
+
+        A read-only child is never begun: it takes no part in the commit,
+        and a read-only FileStorage refuses ``tpc_begin``.  So the serial
+        is checked here, against the child's current record, and a stale
+        one raises ZODB's ``ReadConflictError`` with the oid and both
+        serials, as the child itself would.
+
+        ZODB's contract is that the serial is still current when the
+        transaction commits.  The check runs when ZODB asks, inside the
+        transaction, not at vote.  For a partition only this composite can
+        write that is the same thing: the composite never writes a
+        read-only partition, and a child opened for writing holds its lock
+        against every other process.  A child opened read-only can be
+        written by another process meanwhile (the archive's own
+        application, say).  Its FileStorage does not read what that
+        process appends after it opened, so the appended tail of the file
+        is read too.  No lock is shared with that process, so there is a
+        window until the commit finishes whenever the check runs, and
+        checking at vote would narrow it without closing it.
+        """
+        committed = self.current_serial(oid)
+        if committed is None:
+            raise POSKeyError(oid)
+        if committed != serial:
+            raise ReadConflictError(oid=oid, serials=(committed, serial))
+        elsewhere = self.serial_written_elsewhere(oid)
+        if elsewhere is not None:
+            raise ReadConflictError(
+                'partition %r is read-only here and oid %s was changed by '
+                'another process writing %s since this composite opened '
+                'it; reopen the composite to read the change'
+                % (self.name, oid_hex(oid), self.storage.getName()),
+                oid=oid, serials=(elsewhere, serial))
+
+    def serial_written_elsewhere(self, oid):
+        """The tid of ``oid``'s newest record that another process has
+        appended to this child's file since it was opened, or ``None``.
+
+        Only a FileStorage opened read-only can be written by another
+        process (a writable one holds its lock), and it reads only what
+        its index covered when it opened.  Only the appended tail is read.
+        A file another process has packed (replaced) since cannot be
+        checked, and counts as changed.
+        """
+        base = self.base
+        if not isinstance(base, FileStorage) or not base.isReadOnly():
+            return None
+        try:
+            on_disk = os.stat(base._file_name)
+        except OSError:
+            return None
+        if on_disk.st_ino != os.fstat(base._file.fileno()).st_ino:
+            return base._ltid       # a tid newer than ours is unknowable
+        if on_disk.st_size <= base._pos:
+            return None
+        found = None
+        tail = FileIterator(base._file_name, pos=base._pos)
+        try:
+            for txn in tail:
+                if any(r.oid == oid for r in txn):
+                    found = txn.tid
+        finally:
+            tail.close()
+        return found
+
 
 def _names(partitions):
     return ', '.join('%s=%d' % (p.name, p.prefix) for p in partitions)
@@ -379,6 +485,9 @@ def check_maps(partitions, primary, root_class):
     another composite, or that records a partition the config lacks.
     """
     maps = {p: p.read_map() for p in partitions}
+    for part, recorded in maps.items():
+        if recorded is None and part is not primary:
+            check_no_records(part)
     configured = {p.name: p.prefix for p in partitions}
     mapped = [p for p, m in maps.items() if m]
     if maps[primary]:
@@ -440,3 +549,32 @@ def check_maps(partitions, primary, root_class):
             records.append((z64, stub_record(primary.name, root_class)))
         pending[part] = records
     return identity, pending
+
+
+def check_no_records(part):
+    """Refuse a secondary whose child is a database of its own.
+
+    The composite writes a child's partition map in the first transaction
+    that writes to it, so a secondary without a map has never been written
+    by a composite.  If it holds records anyway, it is some other database
+    (a ``tenant.fs`` configured as a partition to merge it, say): its
+    records would be taken for stubs, its root overwritten by the root stub
+    in the next commit and everything else removed by the next pack.  It is
+    refused before anything is written.  Only the primary adopts an
+    existing database, because its oids and root are the composite's.
+    """
+    held = part.describe_records()
+    if held is None:
+        return
+    raise PartitionMapError(
+        'partition %r (prefix %d) is configured on %s, which %s but no '
+        'partition map: it is a database of its own, not a partition of '
+        'this composite, and as a secondary it would lose every record '
+        '(its root overwritten by a stub, the rest removed by the next '
+        'pack).  Nothing was written.  An existing database can be adopted '
+        'only as the primary (prefix 0) of a composite; to merge its '
+        'objects into this one, give partition %r a new file, export them '
+        'from this one with ZODB\'s Connection.exportFile and import them '
+        'with default-partition %s (README: "Adopting an existing '
+        'database")' % (part.name, part.prefix, part.storage.getName(),
+                        held, part.name, part.name))

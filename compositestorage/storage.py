@@ -561,8 +561,13 @@ class CompositeStorage(blobs.BlobMethods):
         part.storage.deleteObject(oid, serial, txn)
 
     def checkCurrentSerialInTransaction(self, oid, serial, transaction):
+        """A read-only partition is checked without beginning its child
+        (see :meth:`Partition.check_current_serial`)."""
         state = self._coordinator.current(transaction)
         part = self.partition_for(oid, 'check the serial of')
+        if part.read_only:
+            part.check_current_serial(oid, serial)
+            return
         txn = self._coordinator.begin(state, part)
         part.storage.checkCurrentSerialInTransaction(oid, serial, txn)
 
@@ -609,7 +614,8 @@ class CompositeStorage(blobs.BlobMethods):
         ``referencesf`` is ignored: the composite finds references itself.
         ``progress`` is a progress factory (:mod:`compositestorage.progress`).
         What each partition lost is kept in ``last_pack``, as
-        ``{partition name: {'objects': n, 'stubs': n, 'bytes': n}}``
+        ``{partition name: {'objects': n, 'stubs': n, 'bytes': n}}``, or
+        ``{'read_only': True}`` for a read-only partition, never packed
         (IStorage's ``pack`` returns nothing; the pack command prints it).
         """
         if self._read_only:

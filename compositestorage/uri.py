@@ -35,6 +35,10 @@ Grammar::
   ``read_only``, ``pack_gc``
       Booleans: ``true``/``false``, ``1``/``0``, ``yes``/``no``,
       ``on``/``off``.  ``read_only`` defaults to false, ``pack_gc`` to true.
+      A read-only composite opens every child read-only: ``file:`` and
+      ``zeo:`` children get ``read_only=1``, nested ``composite:`` children
+      ``read_only=true`` and ``zconfig:`` children every section marked
+      read-only; other schemes open as their URI says.
   ``database_name``, ``connection_cache_size``, ``connection_pool_size``, ...
       zodburi's database keywords (``zodburi.PARAMETERS``), returned as the
       resolver's ``dbkw``.
@@ -56,8 +60,10 @@ from urllib.parse import parse_qsl
 from urllib.parse import quote
 
 import zodburi
+from ZODB.config import BaseConfig
 from zodburi.resolvers import Resolver
 
+from compositestorage.config import make_read_only
 from compositestorage.errors import ConfigurationError
 from compositestorage.faults import point as fault_point
 from compositestorage.journal import open_children_consistently
@@ -285,8 +291,11 @@ def _child_key(child_uri):
     return None
 
 
-def _resolve_child_uri(index, text, child_uri):
-    """The storage factory of one child URI, through its own resolver."""
+def _resolve_child_uri(index, text, child_uri, read_only=False):
+    """The storage factory of one child URI, through its own resolver.
+
+    ``read_only`` marks a ``zconfig:`` child's sections read-only.
+    """
     where = _describe(index, text)
     colon = child_uri.find(':')
     scheme = child_uri[:colon]
@@ -309,7 +318,40 @@ def _resolve_child_uri(index, text, child_uri):
                      'use: %s; database keywords belong in the composite\'s '
                      'own query, after the last part'
                      % (where, ', '.join(sorted(child_dbkw))))
+    opener = getattr(factory, '__self__', None)
+    if read_only and isinstance(opener, BaseConfig):
+        make_read_only(opener)
     return factory
+
+
+#: The query that tells these schemes' zodburi resolvers to open read-only.
+_READ_ONLY_QUERY = {'file': ('read_only', '1'), 'zeo': ('read_only', '1')}
+
+
+def read_only_child_uri(child_uri):
+    """``child_uri`` spelled so that its resolver opens it read-only.
+
+    A read-only composite opens every child read-only: a writable
+    FileStorage would take its lock (so the composite could not open beside
+    its writer) and create a missing file.  ``file:`` and ``zeo:`` get
+    ``read_only=1``, a nested ``composite:`` ``read_only=true``;
+    ``zconfig:`` children are marked read-only once resolved; other
+    schemes open as their URI says.
+    """
+    scheme = child_uri.split(':', 1)[0]
+    if scheme + ':' == SCHEME:
+        parts, query = parse_uri(child_uri)
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        options['read_only'] = True
+        return format_uri(parts, **options)
+    if scheme not in _READ_ONLY_QUERY:
+        return child_uri
+    key, value = _READ_ONLY_QUERY[scheme]
+    base, hash_, fragment = child_uri.partition('#')
+    path, _, query = base.partition('?')
+    pairs = [p for p in query.split('&') if p and p.split('=', 1)[0] != key]
+    pairs.append('%s=%s' % (key, value))
+    return path + '?' + '&'.join(pairs) + hash_ + fragment
 
 
 def _installed_schemes():
@@ -333,8 +375,11 @@ def resolve_composite(uri):
     check_layout([(name, prefix, placeholder, _child_key(child))
                   for name, prefix, child, _ in parts],
                  options.get('default_partition'))
+    read_only = options.get('read_only')
     children = [
-        (name, prefix, _resolve_child_uri(index, text, child))
+        (name, prefix, _resolve_child_uri(
+            index, text, read_only_child_uri(child) if read_only else child,
+            read_only))
         for index, (name, prefix, child, text) in enumerate(parts, 1)]
 
     def open_children():
