@@ -24,6 +24,7 @@ from compositestorage.references import strong_and_weak_oids
 from compositestorage.verify import current_records
 from compositestorage.verify import estimate
 from compositestorage.verify import served_name
+from compositestorage.verify import served_records
 
 
 class _Tally:
@@ -108,7 +109,7 @@ def stats_served(client, top=10, progress=None):
     tally = _Tally({}, top, stubs_known=False)
     shown = (progress or quiet)('stats', len(client) or None, 'objects')
     try:
-        for oid, _, data in current_records(client):
+        for oid, _, data in served_records(client):
             shown.update(1)
             tally.record(oid, data)
     finally:
