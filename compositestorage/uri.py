@@ -82,6 +82,12 @@ _BOOLEANS = {
     'false': False, 'no': False, 'off': False, '0': False,
 }
 
+#: Child schemes refused, and why.
+UNSUPPORTED = {
+    'demo': 'a DemoStorage cannot list its records, which verify, stats '
+            'and the global mark of a pack read',
+}
+
 #: The composite's own query keys, beside zodburi's database keywords.
 OPTIONS = ('placement', 'default_partition', 'name', 'read_only', 'pack_gc')
 _BOOLEAN_OPTIONS = ('read_only', 'pack_gc')
@@ -293,6 +299,10 @@ def _resolve_child_uri(index, text, child_uri):
     if colon < 1:
         raise _error('%s: the child URI %r has no scheme (file://, '
                      'memory://, zeo://, zconfig://...)' % (where, child_uri))
+    if scheme in UNSUPPORTED:
+        raise _error('%s: a %s: child is not supported (%s); give the '
+                     'partition a file://, memory:// or zconfig:// child'
+                     % (where, scheme, UNSUPPORTED[scheme]))
     try:
         factory, child_dbkw = _resolve_child(child_uri)
     except zodburi.NoResolverForScheme:
