@@ -32,9 +32,10 @@ Grammar::
       prefix 0 if unset.
   ``name``
       The storage name (``getName()``).
-  ``read_only``, ``pack_gc``
+  ``read_only``, ``pack_gc``, ``containment``
       Booleans: ``true``/``false``, ``1``/``0``, ``yes``/``no``,
-      ``on``/``off``.  ``read_only`` defaults to false, ``pack_gc`` to true.
+      ``on``/``off``.  ``read_only`` and ``containment`` default to false,
+      ``pack_gc`` to true.
   ``database_name``, ``connection_cache_size``, ``connection_pool_size``, ...
       zodburi's database keywords (``zodburi.PARAMETERS``), returned as the
       resolver's ``dbkw``.
@@ -63,6 +64,7 @@ from compositestorage.faults import point as fault_point
 from compositestorage.journal import open_children_consistently
 from compositestorage.partition import check_layout
 from compositestorage.placement import POLICIES
+from compositestorage.placement import contain_every_db
 from compositestorage.storage import CompositeStorage
 
 try:
@@ -89,8 +91,9 @@ UNSUPPORTED = {
 }
 
 #: The composite's own query keys, beside zodburi's database keywords.
-OPTIONS = ('placement', 'default_partition', 'name', 'read_only', 'pack_gc')
-_BOOLEAN_OPTIONS = ('read_only', 'pack_gc')
+OPTIONS = ('placement', 'default_partition', 'name', 'read_only', 'pack_gc',
+           'containment')
+_BOOLEAN_OPTIONS = ('read_only', 'pack_gc', 'containment')
 _KNOWN = ('the query takes %s and zodburi\'s database keywords '
           '(database_name, connection_cache_size, connection_pool_size, ...)'
           % ', '.join(OPTIONS))
@@ -368,11 +371,15 @@ def resolve_composite(uri):
                 key[1] + '.journal' if key else None)
         else:
             opened = open_children()
+        kw = {k: v for k, v in options.items() if k != 'containment'}
         try:
-            return CompositeStorage(opened, **options)
+            storage = CompositeStorage(opened, **kw)
         except BaseException:
             close_children(opened)
             raise
+        if options.get('containment'):
+            contain_every_db(storage)
+        return storage
 
     return factory, dbkw
 
