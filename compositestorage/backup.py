@@ -503,12 +503,14 @@ def open_read_only(configured, journal):
     """
     from compositestorage.partition import Partition
     from compositestorage.storage import CompositeStorage
+    from compositestorage.opening import stale_index_is_news
     children = []
     try:
-        for part in configured:
-            children.append(Partition(
-                part.name, part.prefix,
-                FileStorage(part.path, read_only=True)))
+        with stale_index_is_news():
+            for part in configured:
+                children.append(Partition(
+                    part.name, part.prefix,
+                    FileStorage(part.path, read_only=True)))
         return CompositeStorage(children, read_only=True, journal=journal)
     except BaseException:
         for child in children:
@@ -617,10 +619,11 @@ class RestoreReport:
                    'backups (the smallest of their last tids)' % MANIFEST)
         out = ['restoring from %s to transaction %s (%s)' % (
             self.repository, describe_tid(self.tid), why)]
-        out.extend(p.line(self.dry_run) for p in self.partitions)
+        # the old files go first, then the restored ones take their place
         for path in self.removed_files:
-            out.append('%s %s' % ('would remove' if self.dry_run
-                                  else 'removed', path))
+            out.append('%s the old %s' % ('would remove' if self.dry_run
+                                          else 'removed', path))
+        out.extend(p.line(self.dry_run) for p in self.partitions)
         for blob_dir in self.blob_dirs:
             out.append('note: repozo backups hold no blobs: restore the '
                        'blob directory %s separately' % blob_dir)

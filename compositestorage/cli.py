@@ -474,13 +474,16 @@ def cmd_verify(args, out=None):
                 'unknown' if count['stubs'] is None else count['stubs']),
                 file=out)
         for problem in problems:
-            print(problem, file=out)
+            if problem in errors or args.list_garbage:
+                print(problem, file=out)
         garbage = len(problems) - len(errors)
         if errors:
             print('%d problem(s)' % len(errors), file=out)
         elif garbage:
             print('ok, with %d garbage record(s) that the next pack (or '
-                  'repair) removes' % garbage, file=out)
+                  'repair) removes%s' % (garbage, '' if args.list_garbage
+                                         else ' (--list-garbage lists '
+                                         'them)'), file=out)
         else:
             print('ok', file=out)
     return 1 if errors else 0
@@ -573,7 +576,7 @@ def cmd_repair(args, out=None):
             indent=2, sort_keys=True), file=out)
     else:
         for action in actions:
-            print(('would %s' if args.dry_run else '%s') % action, file=out)
+            print(action.describe(done=not args.dry_run), file=out)
         for problem in untouched:
             print('left for you: %s' % problem, file=out)
         if not actions and not untouched:
@@ -761,12 +764,19 @@ def make_parser():
                     'and its partition.  Exit status 1 when anything is '
                     'wrong.  Orphan stubs (left when a cross-partition '
                     'reference is dropped, until the next pack) are garbage, '
-                    'not errors: listed, but exit status 0 unless --strict.  '
+                    'not errors: counted (listed with --list-garbage), and '
+                    'exit status 0 unless --strict.  A composite opened but '
+                    'never written to is healthy.  '
                     'For a zeo:// URI it reads through the server what any '
                     'client reads: every reference must resolve.')
     add_target(verify)
     verify.add_argument('--json', action='store_true',
                         help='print the report as one JSON object')
+    verify.add_argument('--list-garbage', '-v', action='store_true',
+                        help='list every garbage record (orphan stubs, and '
+                             'the missing targets of orphan stubs); by '
+                             'default they are counted (--json lists them '
+                             'always)')
     verify.add_argument('--strict', action='store_true',
                         help='count garbage (orphan stubs, and the missing '
                              'targets of orphan stubs) as problems too: by '
