@@ -133,6 +133,8 @@ def format_stats(report):
                 lines.append('  %s: %s' % (title, ', '.join(
                     '%s %d' % item for item in p[key])))
     names = list(report['partitions'])
+    if not names:
+        return 'no objects yet (nothing has been committed)'
     width = max([len(n) for n in names] + [8]) + 2
     lines.append('cross-partition references (row: from, column: to):')
     lines.append(' ' * width + ''.join('%*s' % (width, n) for n in names))
