@@ -132,42 +132,75 @@ class Configured:
         self.blob_dir = blob_dir
 
 
-def configured_partitions(config_path):
-    """``(partitions, journal path)`` of the composite a ZConfig file
-    configures; refuses a child that is not a ``<filestorage>``, naming the
-    partition, before anything is opened."""
+def configured_partitions(target, database=None):
+    """``(partitions, journal path)`` of the composite ``target`` names (a
+    config file, ``zconfig://`` or a ``composite:`` URI, by the rule of
+    :mod:`compositestorage.opening`); refuses a child that is not a
+    FileStorage, naming the partition, before anything is opened."""
+    from compositestorage.opening import uri_scheme
+    if uri_scheme(target) == 'composite':
+        return _uri_partitions(target)
     import ZODB.config
 
-    from compositestorage.cli import storage_opener_from_file
-    from compositestorage.config import CompositeStorageConfig
     from compositestorage.config import check_sections
     from compositestorage.config import journal_path
-    if not os.path.isfile(config_path):
-        raise BackupError('no such file: %s (give the ZConfig file of the '
-                          'composite)' % config_path)
-    opener = storage_opener_from_file(config_path)
-    if not isinstance(opener, CompositeStorageConfig):
-        raise BackupError('%s configures a %s, not a <compositestorage>'
-                          % (config_path, type(opener).__name__))
+    from compositestorage.opening import storage_opener
+    from compositestorage.opening import zconfig_target
+    path = target
+    if uri_scheme(target) == 'zconfig':
+        path, database = zconfig_target(target)
+    elif uri_scheme(target) is not None:
+        raise BackupError(
+            'backup and restore copy the partitions\' files: give the '
+            'config file of the composite, zconfig://PATH or a composite: '
+            'URI, not %s' % target)
+    opener = storage_opener(path, database)
     c = opener.config
     sections = list(c.partitions)
     check_sections(sections, c.default_partition)
     parts = []
     for s in sorted(sections, key=lambda s: s.prefix):
         if not isinstance(s.storage, ZODB.config.FileStorage):
-            raise BackupError(
-                'partition %r (prefix %d) is a %s child, not a FileStorage: '
-                'repozo backs up FileStorage files only, so this composite '
-                'cannot be backed up or restored this way' % (
-                    s.name, s.prefix, _section_type(s.storage)))
-        if not s.name or os.sep in s.name or s.name in ('.', '..'):
-            raise BackupError('partition name %r cannot name a folder of '
-                              'the repository' % s.name)
+            raise _not_a_filestorage(s.name, s.prefix,
+                                     _section_type(s.storage))
         child = s.storage.config
-        parts.append(Configured(s.name, s.prefix,
-                                os.path.abspath(child.path),
-                                child.blob_dir or c.blob_dir))
+        parts.append(_configured(s.name, s.prefix, child.path,
+                                 child.blob_dir or c.blob_dir))
     return parts, journal_path(c.journal, sections)
+
+
+def _uri_partitions(uri):
+    """:func:`configured_partitions` of a ``composite:`` URI: its
+    ``file://`` children."""
+    from urllib.parse import parse_qs
+    from urllib.parse import urlsplit
+
+    from compositestorage.uri import parse_uri
+    parts = []
+    for name, prefix, child in sorted(parse_uri(uri)[0],
+                                      key=lambda part: part[1]):
+        if not child.startswith('file://'):
+            raise _not_a_filestorage(name, prefix, child.split(':', 1)[0]
+                                     + ':')
+        split = urlsplit(child)
+        blob_dir = parse_qs(split.query).get('blobstorage_dir', [None])[0]
+        parts.append(_configured(name, prefix, split.path, blob_dir))
+    primary = [p for p in parts if p.prefix == 0]
+    return parts, primary[0].path + '.journal' if primary else None
+
+
+def _not_a_filestorage(name, prefix, kind):
+    return BackupError(
+        'partition %r (prefix %d) is a %s child, not a FileStorage: '
+        'repozo backs up FileStorage files only, so this composite '
+        'cannot be backed up or restored this way' % (name, prefix, kind))
+
+
+def _configured(name, prefix, path, blob_dir):
+    if not name or os.sep in name or name in ('.', '..'):
+        raise BackupError('partition name %r cannot name a folder of '
+                          'the repository' % name)
+    return Configured(name, prefix, os.path.abspath(path), blob_dir)
 
 
 def _section_type(opener):
@@ -381,8 +414,8 @@ class BackupReport:
         return out
 
 
-def backup(config_path, repository, full=False, between=None):
-    """Back up every partition of the composite ``config_path`` configures
+def backup(target, repository, full=False, between=None, database=None):
+    """Back up every partition of the composite ``target`` names
     into ``repository`` (an existing folder), at one tid.
 
     The composite is opened read-only (beside a writer, if one runs) and
@@ -395,10 +428,11 @@ def backup(config_path, repository, full=False, between=None):
     commit there).  Returns a :class:`BackupReport`.
     """
     repository = os.path.abspath(os.fspath(repository))
-    configured, journal = configured_partitions(os.fspath(config_path))
+    configured, journal = configured_partitions(os.fspath(target), database)
     if not os.path.isdir(repository):
         raise BackupError('no such repository folder: %s (create it first)'
                           % repository)
+    _refuse_missing(configured, 'backup', target)
     started = _utc_now()
     copies = []
     storage = open_read_only(configured, journal)
@@ -469,12 +503,14 @@ def open_read_only(configured, journal):
     """
     from compositestorage.partition import Partition
     from compositestorage.storage import CompositeStorage
+    from compositestorage.opening import stale_index_is_news
     children = []
     try:
-        for part in configured:
-            children.append(Partition(
-                part.name, part.prefix,
-                FileStorage(part.path, read_only=True)))
+        with stale_index_is_news():
+            for part in configured:
+                children.append(Partition(
+                    part.name, part.prefix,
+                    FileStorage(part.path, read_only=True)))
         return CompositeStorage(children, read_only=True, journal=journal)
     except BaseException:
         for child in children:
@@ -583,10 +619,11 @@ class RestoreReport:
                    'backups (the smallest of their last tids)' % MANIFEST)
         out = ['restoring from %s to transaction %s (%s)' % (
             self.repository, describe_tid(self.tid), why)]
-        out.extend(p.line(self.dry_run) for p in self.partitions)
+        # the old files go first, then the restored ones take their place
         for path in self.removed_files:
-            out.append('%s %s' % ('would remove' if self.dry_run
-                                  else 'removed', path))
+            out.append('%s the old %s' % ('would remove' if self.dry_run
+                                          else 'removed', path))
+        out.extend(p.line(self.dry_run) for p in self.partitions)
         for blob_dir in self.blob_dirs:
             out.append('note: repozo backups hold no blobs: restore the '
                        'blob directory %s separately' % blob_dir)
@@ -605,8 +642,8 @@ class RestoreReport:
         return out
 
 
-def restore(config_path, repository, force=False, dry_run=False):
-    """Restore every partition of the composite ``config_path`` configures
+def restore(target, repository, force=False, dry_run=False, database=None):
+    """Restore every partition of the composite ``target`` names
     from ``repository``, at one tid; returns a :class:`RestoreReport`
     (whose ``problems`` are what verify found afterwards).
 
@@ -619,11 +656,11 @@ def restore(config_path, repository, force=False, dry_run=False):
     files at once, and the composite is opened read-only and verified.  ``dry_run`` only
     reads the repository and reports what would be done.
     """
-    from compositestorage.cli import opened_composite
+    from compositestorage.opening import opened_composite
     from compositestorage.verify import verify
-    config_path = os.fspath(config_path)
+    target = os.fspath(target)
     repository = os.path.abspath(os.fspath(repository))
-    configured, journal = configured_partitions(config_path)
+    configured, journal = configured_partitions(target, database)
     if not os.path.isdir(repository):
         raise BackupError('no such repository folder: %s' % repository)
     recorded = read_manifest(repository)
@@ -741,11 +778,17 @@ def restore(config_path, repository, force=False, dry_run=False):
         if lock is not None:
             lock.close()
 
-    with opened_composite(config_path) as storage:
+    with opened_composite(target, database) as storage:
         problems, _ = verify(storage)
         report.problems = list(problems)
         report.last_transaction = storage.lastTransaction()
     return report
+
+
+def _refuse_missing(configured, what, target):
+    from compositestorage.opening import refuse_missing
+    refuse_missing([(p.name, p.path) for p in configured
+                    if not os.path.exists(p.path)], what, target)
 
 
 def _remove_side_files(path):

@@ -29,8 +29,14 @@ import zc.lockfile
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import z64
 
-from compositestorage.config import all_sections as _sections
-from compositestorage.config import make_read_only
+from compositestorage.opening import config_kind
+from compositestorage.opening import KIND_NAMES
+from compositestorage.opening import open_read_only
+from compositestorage.opening import open_writer
+from compositestorage.opening import opened_composite
+from compositestorage.opening import read_config
+from compositestorage.opening import served_client
+from compositestorage.opening import uri_scheme
 
 PROG = 'compositestorage'
 
@@ -251,176 +257,10 @@ def format_info(info):
     return '\n'.join(lines)
 
 
-# --- opening read-only -----------------------------------------------------
+# --- opening: the one rule, in compositestorage.opening ------------------------
 
-def drop_blob_dirs(opener):
-    """Open without blob directories: ``info`` reads no blob, and a
-    FileStorage creates its blob directory even when read-only."""
-    for section in _sections(opener):
-        if getattr(section, 'blob_dir', None):
-            section.blob_dir = None
-
-
-def _zeo_schema():
-    import ZEO
-    return ZConfig.loadSchema(
-        os.path.join(os.path.dirname(ZEO.__file__), 'schema.xml'))
-
-
-_SECTION_RE = r'^\s*<\s*%s[\s>]'
-
-
-def storage_opener_from_file(path):
-    """The storage opener a ZConfig file describes.
-
-    The file is a ``<zodb>`` database config, a bare storage section (a
-    ``<compositestorage>``, say) or a ``zeo.conf``, each with its
-    ``%import compositestorage``.  In a ``zeo.conf`` with several
-    storages, the first composite is chosen.
-    """
-    import ZODB.config
-
-    from compositestorage.config import CompositeStorageConfig
-    with open(path) as f:
-        text = f.read()
-    if re.search(_SECTION_RE % 'zeo', text, re.I | re.M):
-        config, _ = ZConfig.loadConfig(_zeo_schema(), path)
-        storages = list(config.storages or ())
-        composites = [s for s in storages
-                      if isinstance(s, CompositeStorageConfig)]
-        found = (composites or storages or [None])[0]
-    elif re.search(_SECTION_RE % 'zodb', text, re.I | re.M):
-        config, _ = ZConfig.loadConfig(ZODB.config.getDbSchema(), path)
-        databases = list(config.database or ())
-        found = databases[0].config.storage if databases else None
-    else:
-        config, _ = ZConfig.loadConfig(ZODB.config.getStorageSchema(), path)
-        found = config.storage
-    if found is None:
-        raise CLIError('%s configures no storage: give it a '
-                       '<compositestorage> section (after "%%import '
-                       'compositestorage"), in a <zodb> section or not'
-                       % path)
-    return found
-
-
-_SCHEME_RE = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*):')
-
-
-def uri_schemes():
-    from importlib.metadata import entry_points
-    return sorted({ep.name for ep in entry_points(group='zodburi.resolvers')})
-
-
-def _with_query(uri, key, value):
-    """``uri`` with ``key=value`` in its query (replacing any given)."""
-    base, hash_, frag = uri.partition('#')
-    path, q, query = base.partition('?')
-    pairs = [p for p in query.split('&')
-             if p and p.split('=', 1)[0] != key]
-    pairs.append('%s=%s' % (key, value))
-    return path + '?' + '&'.join(pairs) + hash_ + frag
-
-
-def _has_query(uri, key):
-    query = uri.partition('#')[0].partition('?')[2]
-    return any(p.split('=', 1)[0] == key for p in query.split('&'))
-
-
-def uri_scheme(uri):
-    m = _SCHEME_RE.match(uri)
-    return m.group(1) if m else None
-
-
-def read_only_uri(uri):
-    """``uri`` spelled so that its resolver opens it read-only.
-
-    ``file:`` and ``zeo:`` get ``read_only=1`` in their query, as
-    zodburi's resolvers spell it (``zeo:`` also a ``wait_timeout``, so that
-    a missing server is reported rather than waited for); a ``composite:``
-    URI gets ``read_only=true`` and each of its child URIs is made
-    read-only in turn, so that no child file is locked or created.
-    Other schemes are returned unchanged (``zconfig:`` configs are made
-    read-only when they are resolved, see :func:`storage_factory_from_uri`).
-    """
-    scheme = uri_scheme(uri)
-    if scheme == 'composite':
-        try:
-            from compositestorage import uri as composite_uri
-        except ImportError:
-            return _with_query(uri, 'read_only', 'true')
-        from urllib.parse import parse_qsl
-        parts, query = composite_uri.parse_uri(uri)
-        options = dict(parse_qsl(query, keep_blank_values=True))
-        options['read_only'] = True
-        return composite_uri.format_uri(
-            [(name, prefix, read_only_uri(child))
-             for name, prefix, child in parts], **options)
-    if scheme in ('file', 'zeo'):
-        uri = _with_query(uri, 'read_only', '1')
-    if scheme == 'zeo' and not _has_query(uri, 'wait_timeout'):
-        uri = _with_query(uri, 'wait_timeout', '10')
-    return uri
-
-
-def storage_factory_from_uri(uri):
-    """A no-argument callable opening the storage ``uri`` names, read-only.
-
-    See :func:`read_only_uri`; a ``zconfig:`` config is marked read-only,
-    every section in it, before it opens.
-    """
-    import zodburi
-    from ZODB.config import BaseConfig
-    scheme = uri_scheme(uri)
-    known = uri_schemes()
-    if scheme not in known:
-        raise CLIError('unknown URI scheme %r in %s (known schemes: %s); '
-                       'for a ZConfig file give its path'
-                       % (scheme, uri, ', '.join(known)))
-    try:
-        factory, _dbkw = zodburi.resolve_uri(read_only_uri(uri))
-    except zodburi.UnknownDatabaseKeywords as e:
-        raise CLIError('%s: %s' % (uri, e.args[0]))
-    except ImportError as e:
-        raise CLIError('the resolver for %r URIs cannot be loaded: %s'
-                       % (scheme, e))
-    except KeyError as e:  # zconfig: "No storage or database named ..."
-        raise CLIError('%s: %s' % (uri, e.args[0] if e.args else e))
-    opener = getattr(factory, '__self__', None)
-    if isinstance(opener, BaseConfig):
-        make_read_only(opener)
-        drop_blob_dirs(opener)
-    return factory
-
-
-def open_read_only(target):
-    """Open ``target``, a ZConfig file or a zodburi URI, read-only."""
-    if os.path.isfile(target):
-        opener = storage_opener_from_file(target)
-        make_read_only(opener)
-        drop_blob_dirs(opener)
-        storage = opener.open()
-    elif os.path.exists(target):
-        raise CLIError('%s is not a file: give a ZConfig file or a URI'
-                       % target)
-    elif _SCHEME_RE.match(target):
-        factory = storage_factory_from_uri(target)
-        from ZEO.Exceptions import ClientDisconnected
-        try:
-            storage = factory()
-        except ClientDisconnected as e:
-            raise CLIError('cannot reach the ZEO server of %s: %s'
-                           % (target, e))
-    else:
-        raise CLIError('no such file: %s (give a ZConfig file or a URI '
-                       'such as zconfig://PATH or zeo://HOST:PORT)'
-                       % target)
-    if not storage.isReadOnly():
-        storage.close()
-        raise CLIError('%s did not open read-only (a %s); info does not '
-                       'open storages for writing'
-                       % (target, type(storage).__name__))
-    return storage
+def _database(args):
+    return getattr(args, 'database', None)
 
 
 # --- serving ------------------------------------------------------------------
@@ -535,8 +375,13 @@ def cmd_serve(args, out=None):
     Options, Server = _runzeo_classes()
     tmp = None
     if args.config:
-        if not os.path.isfile(args.config):
-            raise CLIError('no such file: %s' % args.config)
+        kind = config_kind(read_config(args.config))
+        if kind != 'zeo':
+            raise CLIError(
+                'serve --config takes a zeo.conf, and %s is %s: write a '
+                'zeo.conf with a <zeo> section (address HOST:PORT) and the '
+                'same <compositestorage> section, after "%%import '
+                'compositestorage"' % (args.config, KIND_NAMES[kind]))
         config = args.config
     else:
         os.makedirs('var', exist_ok=True)
@@ -575,7 +420,7 @@ def cmd_serve(args, out=None):
 
 def cmd_info(args, out=None):
     out = out or sys.stdout
-    storage = open_read_only(args.target)
+    storage = open_read_only(args.target, _database(args))
     try:
         info = describe(storage)
     finally:
@@ -589,58 +434,7 @@ def cmd_info(args, out=None):
 
 # --- commands on a composite ----------------------------------------------------
 
-@contextlib.contextmanager
-def opened_composite(target, read_only=True, writer_of=None):
-    """The composite ``target`` opens, closed afterwards.
-
-    ``writer_of`` names a command that opens the children itself, offline:
-    ``target`` must then be a ZConfig file, opened for writing unless
-    ``read_only``.  Otherwise ``target`` is a config or a URI, opened
-    read-only.
-    """
-    from compositestorage.storage import CompositeStorage
-    if writer_of is None:
-        storage = open_read_only(target)
-    else:
-        if not os.path.isfile(target):
-            raise CLIError('no such file: %s (%s needs the ZConfig file of '
-                           'the composite: it opens the children itself, as '
-                           'their one writer)' % (target, writer_of))
-        opener = storage_opener_from_file(target)
-        if read_only:
-            make_read_only(opener)
-            drop_blob_dirs(opener)
-        storage = opener.open()
-    try:
-        if not isinstance(storage, CompositeStorage):
-            raise CLIError('%s opens a %s, not a composite'
-                           % (target, type(storage).__name__))
-        yield storage
-    finally:
-        storage.close()
-
-
 # --- verify -------------------------------------------------------------------
-
-def _served(target):
-    """A read-only ZEO client for a ``zeo://`` target, else ``None``.
-
-    Through ZEO, ``verify`` and ``stats`` read what any client reads and
-    open nothing behind the server's back.
-    """
-    if not (_SCHEME_RE.match(target) and uri_scheme(target) == 'zeo'):
-        return None
-    from ZEO.Exceptions import ClientDisconnected
-    try:
-        client = storage_factory_from_uri(target)()
-    except ClientDisconnected as e:
-        raise CLIError('cannot reach the ZEO server of %s: %s' % (target, e))
-    served = ('compositestorage.interfaces', 'ICompositeStorage')
-    if served not in client._info.get('interfaces', ()):
-        client.close()
-        raise CLIError('the server at %s does not serve a composite' % target)
-    return client
-
 
 def _progress(args):
     from compositestorage.progress import reporter
@@ -657,14 +451,14 @@ def cmd_verify(args, out=None):
     from compositestorage.verify import verify
     from compositestorage.verify import verify_served
     try:
-        client = _served(args.target)
+        client = served_client(args.target)
         if client is not None:
             try:
                 problems, counts = verify_served(client, _progress(args))
             finally:
                 client.close()
         else:
-            with opened_composite(args.target) as storage:
+            with opened_composite(args.target, _database(args)) as storage:
                 problems, counts = verify(storage, _progress(args))
     except KeyboardInterrupt:
         return _interrupted('verify only reads: nothing was changed')
@@ -680,13 +474,16 @@ def cmd_verify(args, out=None):
                 'unknown' if count['stubs'] is None else count['stubs']),
                 file=out)
         for problem in problems:
-            print(problem, file=out)
+            if problem in errors or args.list_garbage:
+                print(problem, file=out)
         garbage = len(problems) - len(errors)
         if errors:
             print('%d problem(s)' % len(errors), file=out)
         elif garbage:
             print('ok, with %d garbage record(s) that the next pack (or '
-                  'repair) removes' % garbage, file=out)
+                  'repair) removes%s' % (garbage, '' if args.list_garbage
+                                         else ' (--list-garbage lists '
+                                         'them)'), file=out)
         else:
             print('ok', file=out)
     return 1 if errors else 0
@@ -700,14 +497,14 @@ def cmd_stats(args, out=None):
     from compositestorage.stats import stats
     from compositestorage.stats import stats_served
     try:
-        client = _served(args.target)
+        client = served_client(args.target)
         if client is not None:
             try:
                 report = stats_served(client, args.top, _progress(args))
             finally:
                 client.close()
         else:
-            with opened_composite(args.target) as storage:
+            with opened_composite(args.target, _database(args)) as storage:
                 report = stats(storage, args.top, _progress(args))
     except KeyboardInterrupt:
         return _interrupted('stats only reads: nothing was changed')
@@ -725,15 +522,11 @@ def cmd_pack(args, out=None):
     from ZODB.serialize import referencesf
     from compositestorage.storage import CompositeStorage
     pack_time = time.time() - args.days * 86400
-    if os.path.isfile(args.target):
-        storage = storage_opener_from_file(args.target).open()
-    elif _SCHEME_RE.match(args.target) and \
-            uri_scheme(args.target) == 'zeo':
-        storage = storage_factory_from_uri(args.target)()
+    if uri_scheme(args.target) == 'zeo':
+        from compositestorage.opening import resolve
+        storage = resolve(args.target)()     # the server packs
     else:
-        raise CLIError('pack needs the ZConfig file of the composite, or the '
-                       'zeo:// URI of a server that serves it (got %s)'
-                       % args.target)
+        storage = open_writer(args.target, _database(args), 'pack')
     try:
         composite = isinstance(storage, CompositeStorage)
         started = time.time()
@@ -776,7 +569,8 @@ def cmd_pack(args, out=None):
 def cmd_repair(args, out=None):
     out = out or sys.stdout
     from compositestorage.repair import repair
-    with opened_composite(args.config, args.dry_run, 'repair') as storage:
+    with opened_composite(args.target, _database(args), args.dry_run,
+                          'repair') as storage:
         actions, untouched = repair(storage, dry_run=args.dry_run)
     if args.json:
         print(json.dumps({
@@ -786,7 +580,7 @@ def cmd_repair(args, out=None):
             indent=2, sort_keys=True), file=out)
     else:
         for action in actions:
-            print(('would %s' if args.dry_run else '%s') % action, file=out)
+            print(action.describe(done=not args.dry_run), file=out)
         for problem in untouched:
             print('left for you: %s' % problem, file=out)
         if not actions and not untouched:
@@ -799,12 +593,13 @@ def cmd_repair(args, out=None):
 def cmd_recover(args, out=None):
     out = out or sys.stdout
     from compositestorage.recovery import recover
-    with opened_composite(args.config, args.dry_run, 'recover') as storage:
+    with opened_composite(args.target, _database(args), args.dry_run,
+                          'recover') as storage:
         journal = storage.journal
         if journal is None:
             raise CLIError('%s has no journal (its primary is not a '
                            'FileStorage and no journal path is configured)'
-                           % args.config)
+                           % args.target)
         if args.dry_run:
             outcome = recover(storage._by_prefix, journal, dry_run=True)
         else:
@@ -827,7 +622,8 @@ def cmd_recover(args, out=None):
 def cmd_backup(args, out=None):
     out = out or sys.stdout
     from compositestorage.backup import backup
-    report = backup(args.config, args.repository, full=args.full)
+    report = backup(args.target, args.repository, full=args.full,
+                    database=_database(args))
     print('\n'.join(report.lines()), file=out)
     return 0
 
@@ -835,8 +631,8 @@ def cmd_backup(args, out=None):
 def cmd_restore(args, out=None):
     out = out or sys.stdout
     from compositestorage.backup import restore
-    report = restore(args.config, args.repository, force=args.force,
-                     dry_run=args.dry_run)
+    report = restore(args.target, args.repository, force=args.force,
+                     dry_run=args.dry_run, database=_database(args))
     print('\n'.join(report.lines()), file=out)
     return 1 if report.problems else 0
 
@@ -867,6 +663,44 @@ def cmd_demo(args, out=None):
 
 
 # --- the parser and main ------------------------------------------------------
+
+TARGET_HELP = (
+    'a ZConfig file (a zeo.conf, a zope.conf, a file with <zodb> sections '
+    'or a bare <compositestorage> section), zconfig://PATH[#NAME] or a '
+    'composite: URI%s; in a file with several databases the composite is '
+    'taken, or the one --database names')
+
+
+def add_target(parser):
+    """The CONFIG_OR_URI every command on a composite takes, by the one
+    rule of :mod:`compositestorage.opening`."""
+    through_zeo = {
+        'info': ', zeo://HOST:PORT or any zodburi URI (file://...)',
+        'verify': ' or zeo://HOST:PORT (read through the server)',
+        'stats': ' or zeo://HOST:PORT (read through the server)',
+        'pack': ' or zeo://HOST:PORT (the server packs)'}
+    parser.add_argument('target', metavar='CONFIG_OR_URI',
+                        help=TARGET_HELP % through_zeo.get(
+                            parser.prog.split()[-1], ''))
+    parser.add_argument(
+        '--database', '-d', metavar='NAME',
+        help='the database to take from a config with several: the name '
+             'of its <zodb_db NAME> (zope.conf), <zodb NAME> or, in a '
+             'zeo.conf, <compositestorage NAME> section')
+
+
+def days_arg(value):
+    """argparse type for ``pack --days``: a number of days, 0 or more."""
+    try:
+        days = float(value)
+    except ValueError:
+        days = -1.0
+    if not days >= 0 or days == float('inf'):
+        raise argparse.ArgumentTypeError(
+            'invalid --days %r: give the days of history to keep, 0 or more '
+            '(0 packs to now; a pack time in the future is refused)' % value)
+    return days
+
 
 def add_quiet(parser):
     parser.add_argument('-q', '--quiet', action='store_true',
@@ -917,12 +751,7 @@ def make_parser():
                     'on disk, last transaction and the partition map the '
                     'child records.  For a zeo:// URI, what a ZEO client '
                     'can know: name, size, object count, last transaction.')
-    info.add_argument(
-        'target', metavar='CONFIG_OR_URI',
-        help='a ZConfig file ("%%import compositestorage" and a <zodb> '
-             'section, a bare <compositestorage> section, or a zeo.conf) '
-             'or a zodburi URI (zconfig://PATH, composite:..., '
-             'zeo://HOST:PORT, file://PATH)')
+    add_target(info)
     info.add_argument('--json', action='store_true',
                       help='print the same facts as one JSON object')
     info.set_defaults(func=cmd_info)
@@ -939,15 +768,19 @@ def make_parser():
                     'and its partition.  Exit status 1 when anything is '
                     'wrong.  Orphan stubs (left when a cross-partition '
                     'reference is dropped, until the next pack) are garbage, '
-                    'not errors: listed, but exit status 0 unless --strict.  '
+                    'not errors: counted (listed with --list-garbage), and '
+                    'exit status 0 unless --strict.  A composite opened but '
+                    'never written to is healthy.  '
                     'For a zeo:// URI it reads through the server what any '
                     'client reads: every reference must resolve.')
-    verify.add_argument(
-        'target', metavar='CONFIG_OR_URI',
-        help='a ZConfig file or a zodburi URI of the composite (as for '
-             'info)')
+    add_target(verify)
     verify.add_argument('--json', action='store_true',
                         help='print the report as one JSON object')
+    verify.add_argument('--list-garbage', '-v', action='store_true',
+                        help='list every garbage record (orphan stubs, and '
+                             'the missing targets of orphan stubs); by '
+                             'default they are counted (--json lists them '
+                             'always)')
     verify.add_argument('--strict', action='store_true',
                         help='count garbage (orphan stubs, and the missing '
                              'targets of orphan stubs) as problems too: by '
@@ -962,9 +795,7 @@ def make_parser():
                     'its top classes by count and by bytes, then the '
                     'cross-partition references as a matrix (row: from, '
                     'column: to).')
-    stats.add_argument('target', metavar='CONFIG_OR_URI',
-                       help='a ZConfig file or a zodburi URI of the '
-                            'composite (as for info)')
+    add_target(stats)
     stats.add_argument('--top', type=int, default=10, metavar='N',
                        help='how many classes to show (default 10)')
     stats.add_argument('--json', action='store_true',
@@ -981,9 +812,8 @@ def make_parser():
                     'is opened here (it must not be open elsewhere); for a '
                     'zeo:// URI the server is asked to pack.  Reports what '
                     'was removed in each partition.')
-    pack.add_argument('target', metavar='CONFIG_OR_URI',
-                      help='the ZConfig file of the composite, or zeo://')
-    pack.add_argument('--days', type=float, default=0.0,
+    add_target(pack)
+    pack.add_argument('--days', type=days_arg, default=0.0,
                       help='keep the history of the last DAYS days '
                            '(default 0: pack to now)')
     add_quiet(pack)
@@ -999,8 +829,7 @@ def make_parser():
                     'Problems that need a person (dangling references, '
                     'corrupt stubs, objects outside their home) are listed '
                     'and left alone; the exit status is then 1.')
-    repair.add_argument('config', metavar='CONFIG',
-                        help='the ZConfig file of the composite')
+    add_target(repair)
     repair.add_argument('--dry-run', action='store_true',
                         help='open read-only and only show what repair '
                              'would do')
@@ -1018,11 +847,7 @@ def make_parser():
                     'it.  Prints what was found and done (the tid, the '
                     'partitions and the action).  The storage must not be '
                     'open elsewhere: stop a server that serves it first.')
-    recover.add_argument(
-        'config', metavar='CONFIG',
-        help='a ZConfig file of the composite ("%%import compositestorage" '
-             'and a <zodb> section, a bare <compositestorage> section, or '
-             'a zeo.conf)')
+    add_target(recover)
     recover.add_argument('--dry-run', action='store_true',
                          help='open read-only and only report what '
                               'recovery would do')
@@ -1042,8 +867,7 @@ def make_parser():
                     'every transaction up to T, so "restore" can put all the '
                     'partitions back at T.  Blobs are not backed up: copy the '
                     'blob directory separately.')
-    backup.add_argument('config', metavar='CONFIG',
-                        help='the ZConfig file of the composite')
+    add_target(backup)
     backup.add_argument('repository', metavar='REPOSITORY',
                         help='an existing folder for the backups')
     backup.add_argument('--full', action='store_true',
@@ -1063,8 +887,7 @@ def make_parser():
                     'the composite.  Prints, per partition, the tid cut to '
                     'and the transactions removed.  Exit status 1 when '
                     'verify finds a problem.  Stop any writer first.')
-    restore.add_argument('config', metavar='CONFIG',
-                         help='the ZConfig file of the composite to restore')
+    add_target(restore)
     restore.add_argument('repository', metavar='REPOSITORY',
                          help='the folder "backup" (or repozo, one folder '
                               'per partition) wrote')

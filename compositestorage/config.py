@@ -11,6 +11,7 @@ from compositestorage.faults import point as fault_point
 from compositestorage.journal import open_children_consistently
 from compositestorage.partition import check_layout
 from compositestorage.partition import Partition
+from compositestorage.placement import contain_every_db
 from compositestorage.storage import CompositeStorage
 
 
@@ -49,7 +50,7 @@ class CompositeStorageConfig(BaseConfig):
         else:
             opened = open_children(sections)
         try:
-            return CompositeStorage(
+            storage = CompositeStorage(
                 opened, name=c.name, placement=c.placement,
                 default_partition=c.default_partition,
                 read_only=c.read_only, pack_gc=c.pack_gc,
@@ -57,6 +58,9 @@ class CompositeStorageConfig(BaseConfig):
         except BaseException:
             close_all(opened)
             raise
+        if c.containment:
+            contain_every_db(storage)
+        return storage
 
 
 def open_children(sections):

@@ -36,10 +36,17 @@ class UnknownPartitionError(POSKeyError):
     def __str__(self):
         known = ', '.join('%s=%d' % (p.name, p.prefix)
                           for p in self.partitions)
+        oid = self.oid
+        if not isinstance(oid, bytes) or len(oid) != 8:
+            # load(b''), load(None): not an oid at all, so no prefix
+            return ('cannot %s %r: an oid is 8 bytes, and its first byte '
+                    'is the prefix of its partition (configured: %s); '
+                    'check where the value came from' % (self.what, oid,
+                                                          known))
         return ('cannot %s oid %s: no partition has prefix %d '
                 '(configured: %s); add a partition with that prefix '
                 'or check where the oid came from'
-                % (self.what, oid_hex(self.oid), self.oid[0], known))
+                % (self.what, oid_hex(oid), oid[0], known))
 
 
 class ReadOnlyPartitionError(ReadOnlyError):

@@ -129,6 +129,10 @@ class ContainmentConnection(Connection):
 def containment(db):
     """Switch containment on for connections that ``db`` opens from now on.
 
+    ``db`` must be a database over a composite in this process: a ZEO
+    client (or any other storage) is refused, because through ZEO the
+    server allocates every oid without knowing the referrer.
+
     With it, a new object reached at commit through an object in partition
     X is placed in X, as mount-point users expect (a catalog's new BTree
     buckets stay in the catalog).  When two new objects in different
@@ -137,6 +141,19 @@ def containment(db):
     idle pooled ones (``ZODB.DB`` pools one while creating the root) are
     dropped now.  Returns ``db``.
     """
+    from compositestorage.errors import ConfigurationError
+    from compositestorage.storage import CompositeStorage
+    storage = db.storage
+    if not isinstance(storage, CompositeStorage):
+        through_zeo = type(storage).__name__ == 'ClientStorage'
+        raise ConfigurationError(
+            'containment(db) needs a database over a CompositeStorage opened '
+            'in this process, and this one is over a %s%s' % (
+                type(storage).__name__,
+                ': through ZEO the server allocates every oid without '
+                'knowing the referrer, so containment cannot apply there; '
+                'use the server\'s placement policy, or open the composite '
+                'in this process' if through_zeo else ''))
     db.klass = ContainmentConnection
     with db._lock:
         while True:
@@ -147,5 +164,61 @@ def containment(db):
     return db
 
 
-__all__ = ['placement', 'containment', 'ContainmentConnection',
-           'ReadOnlyPartitionError']
+def contain_every_db(storage):
+    """Switch containment on for every ``ZODB.DB`` opened on ``storage``:
+    what ``containment true`` in ``<compositestorage>`` does.
+
+    A config opens the storage, and ZODB's own factories (``<zodb>``,
+    Zope's ``<zodb_db>``, zodburi's callers) then make the ``ZODB.DB``,
+    with no hook of ours in between.  The one call a ``ZODB.DB`` makes
+    on its storage while it is being made is ``registerDB`` (through its
+    ``MVCCAdapter``), before it creates the root; so the storage's
+    ``registerDB`` is wrapped to find that DB, the caller a few frames up,
+    and set its connection class, so that every connection it opens,
+    the first included, places by containment.  A DB that cannot be found
+    so (a ZODB that no longer calls ``registerDB`` from ``DB.__init__``) is
+    logged as a warning: call :func:`containment` on it.
+    """
+    storage.containment = True
+    registered = storage.registerDB
+
+    def registerDB(db_or_adapter):
+        registered(db_or_adapter)
+        db = _db_being_made(db_or_adapter)
+        if db is not None:
+            db.klass = ContainmentConnection
+            return
+        import logging
+        if type(db_or_adapter).__module__.startswith('ZEO.'):
+            why = ('has no effect in a ZEO server, which allocates oids '
+                   'without knowing the referrer: its placement applies')
+        else:
+            why = ('found no ZODB.DB being opened on it: call '
+                   'compositestorage.containment(db)')
+        logging.getLogger(__name__).warning(
+            'containment true in %s %s', storage.getName(), why)
+
+    storage.registerDB = registerDB
+    return storage
+
+
+def _db_being_made(db_or_adapter):
+    """The ``ZODB.DB`` whose ``__init__`` calls ``registerDB``."""
+    import sys
+
+    from ZODB.DB import DB
+    if isinstance(db_or_adapter, DB):
+        return db_or_adapter
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get('self')
+        if isinstance(candidate, DB) and frame.f_code.co_name == '__init__':
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+__all__ = ['placement', 'containment', 'contain_every_db',
+           'ContainmentConnection', 'ReadOnlyPartitionError']

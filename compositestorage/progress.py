@@ -61,8 +61,50 @@ class Plain:
             file=self.out, flush=True)
 
     def close(self):
-        if self.n or self.total:
+        """The last line: ``done`` only when the work ran to its end.
+
+        ``total`` is often an estimate (a child's record count, which
+        includes records the work steps over), so a finished run shows
+        what it did as 100%; a run stopped by an exception (Ctrl-C, say:
+        ``close`` is called from a ``finally``) shows where it stopped.
+        """
+        if not (self.n or self.total):
+            return
+        stopped = interrupted()
+        if stopped is None:
+            self.total = self.n
             self._show(time.monotonic(), ', done')
+        else:
+            self._show(time.monotonic(), ', stopped (%s)' % stopped)
+
+
+def interrupted():
+    """The name of the exception that is ending the work, or ``None``:
+    progress objects are closed in ``finally`` clauses."""
+    exc = sys.exc_info()[0]
+    if exc is None:
+        return None
+    return 'interrupted' if issubclass(exc, KeyboardInterrupt) \
+        else exc.__name__
+
+
+class Bar:
+    """A tqdm bar that ends at 100% only when the work ran to its end."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def update(self, n=1):
+        self.bar.update(n)
+
+    def close(self):
+        stopped = interrupted()
+        if stopped is None:
+            self.bar.total = self.bar.n
+        else:
+            self.bar.set_postfix_str('stopped (%s)' % stopped)
+        self.bar.refresh()
+        self.bar.close()
 
 
 def reporter(out=None, quiet=False):
@@ -77,7 +119,8 @@ def reporter(out=None, quiet=False):
             return Quiet()
         isatty = getattr(out, 'isatty', lambda: False)
         if tqdm is not None and isatty():
-            return tqdm(desc=desc, total=total, unit=' ' + unit, file=out,
-                        unit_scale=True, dynamic_ncols=True, leave=True)
+            return Bar(tqdm(desc=desc, total=total, unit=' ' + unit,
+                            file=out, unit_scale=True, dynamic_ncols=True,
+                            leave=True))
         return Plain(desc, total, out, unit)
     return show

@@ -36,9 +36,19 @@ class Action:
         return {'action': self.what, 'partition': self.partition.name,
                 'oid': '0x' + self.oid.hex()}
 
-    def __str__(self):
+    #: How an action is reported: done, and to be done (dry run).
+    VERBS = {'create': ('created', 'would create'),
+             'remove': ('removed', 'would remove')}
+
+    def describe(self, done=True):
+        """``created the stub ...`` once done, ``would create ...`` in a
+        dry run."""
         return '%s the stub for 0x%s in partition %r' % (
-            self.what, self.oid.hex(), self.partition.name)
+            self.VERBS[self.what][0 if done else 1], self.oid.hex(),
+            self.partition.name)
+
+    def __str__(self):
+        return self.describe(done=False)
 
 
 def plan(storage):

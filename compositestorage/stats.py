@@ -24,6 +24,7 @@ from compositestorage.references import strong_and_weak_oids
 from compositestorage.verify import current_records
 from compositestorage.verify import estimate
 from compositestorage.verify import served_name
+from compositestorage.verify import served_records
 
 
 class _Tally:
@@ -108,7 +109,7 @@ def stats_served(client, top=10, progress=None):
     tally = _Tally({}, top, stubs_known=False)
     shown = (progress or quiet)('stats', len(client) or None, 'objects')
     try:
-        for oid, _, data in current_records(client):
+        for oid, _, data in served_records(client):
             shown.update(1)
             tally.record(oid, data)
     finally:
@@ -119,14 +120,21 @@ def stats_served(client, top=10, progress=None):
 def format_stats(report):
     lines = []
     for name, p in report['partitions'].items():
-        lines.append('%s (prefix %d): %d objects, %d bytes, %s stubs' % (
-            name, p['prefix'], p['objects'], p['bytes'],
-            'unknown' if p['stubs'] is None else p['stubs']))
-        lines.append('  by count: ' + ', '.join(
-            '%s %d' % item for item in p['top_by_count']))
-        lines.append('  by bytes: ' + ', '.join(
-            '%s %d' % item for item in p['top_by_bytes']))
+        # through ZEO a partition is known by its prefix only
+        label = name if name == served_name(p['prefix']) else \
+            '%s (prefix %d)' % (name, p['prefix'])
+        lines.append('%s: %d objects, %d bytes, %s' % (
+            label, p['objects'], p['bytes'],
+            'stubs not known through ZEO' if p['stubs'] is None
+            else '%d stubs' % p['stubs']))
+        for key, title in (('top_by_count', 'by count'),
+                           ('top_by_bytes', 'by bytes')):
+            if p[key]:
+                lines.append('  %s: %s' % (title, ', '.join(
+                    '%s %d' % item for item in p[key])))
     names = list(report['partitions'])
+    if not names:
+        return 'no objects yet (nothing has been committed)'
     width = max([len(n) for n in names] + [8]) + 2
     lines.append('cross-partition references (row: from, column: to):')
     lines.append(' ' * width + ''.join('%*s' % (width, n) for n in names))

@@ -32,10 +32,10 @@ Grammar::
       prefix 0 if unset.
   ``name``
       The storage name (``getName()``).
-  ``read_only``, ``pack_gc``
+  ``read_only``, ``pack_gc``, ``containment``
       Booleans: ``true``/``false``, ``1``/``0``, ``yes``/``no``,
-      ``on``/``off``.  ``read_only`` defaults to false, ``pack_gc`` to true.
-      A read-only composite opens every child read-only: ``file:`` and
+      ``on``/``off``.  ``read_only`` and ``containment`` default to false,
+      ``pack_gc`` to true.  A read-only composite opens every child read-only: ``file:`` and
       ``zeo:`` children get ``read_only=1``, nested ``composite:`` children
       ``read_only=true`` and ``zconfig:`` children every section marked
       read-only; other schemes open as their URI says.
@@ -69,6 +69,7 @@ from compositestorage.faults import point as fault_point
 from compositestorage.journal import open_children_consistently
 from compositestorage.partition import check_layout
 from compositestorage.placement import POLICIES
+from compositestorage.placement import contain_every_db
 from compositestorage.storage import CompositeStorage
 
 try:
@@ -88,9 +89,16 @@ _BOOLEANS = {
     'false': False, 'no': False, 'off': False, '0': False,
 }
 
+#: Child schemes refused, and why.
+UNSUPPORTED = {
+    'demo': 'a DemoStorage cannot list its records, which verify, stats '
+            'and the global mark of a pack read',
+}
+
 #: The composite's own query keys, beside zodburi's database keywords.
-OPTIONS = ('placement', 'default_partition', 'name', 'read_only', 'pack_gc')
-_BOOLEAN_OPTIONS = ('read_only', 'pack_gc')
+OPTIONS = ('placement', 'default_partition', 'name', 'read_only', 'pack_gc',
+           'containment')
+_BOOLEAN_OPTIONS = ('read_only', 'pack_gc', 'containment')
 _KNOWN = ('the query takes %s and zodburi\'s database keywords '
           '(database_name, connection_cache_size, connection_pool_size, ...)'
           % ', '.join(OPTIONS))
@@ -302,6 +310,10 @@ def _resolve_child_uri(index, text, child_uri, read_only=False):
     if colon < 1:
         raise _error('%s: the child URI %r has no scheme (file://, '
                      'memory://, zeo://, zconfig://...)' % (where, child_uri))
+    if scheme in UNSUPPORTED:
+        raise _error('%s: a %s: child is not supported (%s); give the '
+                     'partition a file://, memory:// or zconfig:// child'
+                     % (where, scheme, UNSUPPORTED[scheme]))
     try:
         factory, child_dbkw = _resolve_child(child_uri)
     except zodburi.NoResolverForScheme:
@@ -403,11 +415,15 @@ def resolve_composite(uri):
                 key[1] + '.journal' if key else None)
         else:
             opened = open_children()
+        kw = {k: v for k, v in options.items() if k != 'containment'}
         try:
-            return CompositeStorage(opened, **options)
+            storage = CompositeStorage(opened, **kw)
         except BaseException:
             close_children(opened)
             raise
+        if options.get('containment'):
+            contain_every_db(storage)
+        return storage
 
     return factory, dbkw
 

@@ -27,6 +27,14 @@ for references, the referrer and its partition:
     a child whose partition map is missing or disagrees with the
     configuration or with the other children.
 
+A child that holds no record at all has never been written: the composite
+writes its partition map (and, in a secondary, the root stub) with the
+first transaction that commits after it was opened, so a composite that was
+opened but never written to (a server just started) is healthy, and so is
+a partition added since the last commit.  Only an empty primary beside
+children that record a map is a problem: it is not the file the composite
+was created with.
+
 Weak references that dangle are not problems (ZODB allows them), but a
 weak reference to another partition needs its stub like any other.
 
@@ -112,6 +120,25 @@ def current_records(storage):
             return
 
 
+def served_records(client):
+    """:func:`current_records` through a ZEO ``client``.
+
+    A storage with no record answers ``record_iternext`` with a
+    ``ValueError``, which reaches a ZEO client as a ``ServerException``
+    (after the server has logged its traceback).  A storage that has
+    committed nothing is therefore not asked at all, and that
+    ``ServerException`` ends the records like the ``ValueError`` it wraps.
+    """
+    from ZEO.Exceptions import ServerException
+    if client.lastTransaction() in (None, z64):
+        return
+    try:
+        yield from current_records(client)
+    except ServerException as e:
+        if not (e.args and e.args[0] == 'builtins.ValueError'):
+            raise
+
+
 def _klass(data):
     klass = class_of(data) if data else None
     return '%s.%s' % klass if klass else None
@@ -144,6 +171,7 @@ def verify(storage, progress=None):
     counts = {}
     own = {}            # prefix -> fsIndex: the oids of its own objects
     stubs = {}          # prefix -> fsIndex: foreign oid -> 1 if stub is sound
+    unwritten = set()   # prefixes of children that hold no record yet
     total = estimate(storage)
 
     shown = progress('verify: records', total, 'records')
@@ -151,12 +179,13 @@ def verify(storage, progress=None):
         for part in partitions:
             own[part.prefix] = mine = fsIndex()
             stubs[part.prefix] = foreign = fsIndex()
-            n_own = n_stubs = 0
+            n_own = n_stubs = n_internal = 0
             for oid, _, data in current_records(part.base):
                 shown.update(1)
                 if oid[0] == part.prefix:
                     if is_internal(oid, part.prefix):
-                        continue            # the partition map
+                        n_internal += 1     # the partition map
+                        continue
                     mine[oid] = 1
                     n_own += 1
                 else:
@@ -166,21 +195,24 @@ def verify(storage, progress=None):
                     problems.extend(found)
                     foreign[oid] = 0 if found else 1
             counts[part.name] = {'objects': n_own, 'stubs': n_stubs}
+            if not (n_own or n_stubs or n_internal):
+                unwritten.add(part.prefix)
     finally:
         shown.close()
 
     shown = progress('verify: references', total, 'records')
     try:
         for part in partitions:
-            problems.extend(_check_references(part, by_prefix, own, stubs,
-                                              shown))
+            problems.extend(_check_references(
+                part, by_prefix, own, stubs, shown,
+                unwritten=part.prefix in unwritten))
     finally:
         shown.close()
-    problems.extend(_check_maps(storage))
+    problems.extend(_check_maps(storage, unwritten))
     return problems, counts
 
 
-def _check_references(part, by_prefix, own, stubs, shown):
+def _check_references(part, by_prefix, own, stubs, shown, unwritten=False):
     prefix = part.prefix
     foreign = stubs[prefix]
     referred = fsIndex()
@@ -214,7 +246,8 @@ def _check_references(part, by_prefix, own, stubs, shown):
                               'no such object in its home partition')
     if prefix != 0:
         referred[z64] = 1               # the root stub is always needed
-        if z64 not in foreign:
+        # ... once the child is written: it comes with the first commit
+        if z64 not in foreign and not unwritten:
             yield Problem('missing-stub', part.name, z64, None, None, None,
                           'a secondary child needs the root stub at z64')
     for oid, sound in foreign.items():
@@ -292,7 +325,7 @@ def verify_served(client, progress=None):
     waiting = fsIndex()
     shown = progress('verify', total, 'objects')
     try:
-        for oid, _, data in current_records(client):
+        for oid, _, data in served_records(client):
             shown.update(1)
             prefix = oid[0]
             if prefix not in own:
@@ -317,7 +350,7 @@ def verify_served(client, progress=None):
     if len(missing):
         shown = progress('verify: referrers', total, 'objects')
         try:
-            for referrer, _, data in current_records(client):
+            for referrer, _, data in served_records(client):
                 shown.update(1)
                 for oid in strong_and_weak_oids(data)[0]:
                     if oid in missing:
@@ -331,8 +364,12 @@ def verify_served(client, progress=None):
                       for p in sorted(own)}
 
 
-def _check_maps(storage):
+def _check_maps(storage, unwritten=()):
+    """Partition-map problems; a child in ``unwritten`` (prefixes of
+    children that hold no record) gets its map with the first commit."""
     identities = set()
+    written = [p.name for p in storage.partitions
+               if p.prefix not in unwritten]
     for part in storage.partitions:
         try:
             recorded = part.read_map()
@@ -341,6 +378,16 @@ def _check_maps(storage):
                           detail='unreadable (%s)' % e)
             continue
         if recorded is None:
+            if part.prefix in unwritten and (part.prefix != 0
+                                             or not written):
+                continue        # never written: healthy
+            if part.prefix in unwritten:
+                yield Problem(
+                    'partition-map', part.name, part.map_oid,
+                    detail='the primary holds no record, while partition '
+                    '%r does: it is not the file this composite was created '
+                    'with; point %r at that file' % (written[0], part.name))
+                continue
             yield Problem('partition-map', part.name, part.map_oid,
                           detail='the child records no partition map')
             continue

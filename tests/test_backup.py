@@ -715,7 +715,14 @@ def test_restore_over_existing_files_needs_force(tmp_path, capsys):
     Journal(paths['main'] + '.journal').write_intent(Intent(t, (0, 1)))
     code, out, err = cli(capsys, 'restore', config, repository, '--force')
     assert code == 0, err
-    assert 'removed %s.journal' % paths['main'] in out
+    lines = out.splitlines()
+    assert 'removed the old %s.journal' % paths['main'] in lines
+    # the old files are reported removed before the restored ones are
+    # reported in their place
+    removed = lines.index('removed the old %s' % paths['main'])
+    restored = [i for i, line in enumerate(lines)
+                if line.startswith('main: restored %s ' % paths['main'])]
+    assert restored and removed < restored[0], lines
     assert not os.path.exists(paths['main'] + '.journal')
     assert verify_paths(paths) == ([], t)
     storage = open_composite(paths)     # a writer: recovers nothing
