@@ -49,8 +49,14 @@ class CompositeIterator:
         visible = storage.visible_tid()
         if stop is None or stop > visible:
             stop = visible
-        self._iterators = [(part, part.storage.iterator(start, stop))
-                           for part in storage.partitions]
+        self._iterators = []
+        try:
+            for part in storage.partitions:
+                self._iterators.append(
+                    (part, _child_iterator(storage, part, start, stop)))
+        except BaseException:
+            self.close()
+            raise
         self._merged = self._merge()
 
     def __iter__(self):
@@ -99,6 +105,25 @@ class CompositeIterator:
         return CompositeTransaction(
             first.tid, first.status, first.user, first.description,
             zodb_extension(_extension_bytes(first)), records)
+
+
+def _child_iterator(storage, part, start, stop):
+    """``part``'s child's iterator from ``start`` to ``stop``.
+
+    FileStorage's iterator, opened with a start tid while that child is
+    writing a transaction, finds the file's last transaction incomplete
+    and fails ("Can't find last transaction", or an AttributeError for a
+    method ZODB misspells); opened again with commits held, it sees only
+    whole transactions.  A thread that holds the commit lock itself is
+    never in the middle of writing, so the first attempt succeeds there.
+    """
+    try:
+        return part.storage.iterator(start, stop)
+    except Exception:
+        if start is None:
+            raise
+    with storage._coordinator.commits_held():
+        return part.storage.iterator(start, stop)
 
 
 def _extension_bytes(txn):

@@ -2,8 +2,15 @@
 
 ``python crash_writer.py DIR COUNT`` opens a composite of three FileStorage
 partitions (main, b and c) in DIR.  Each transaction adds 1 to a counter in
-each partition and, once ``tpc_finish`` has returned, prints ``done TID N``
-(flushed).  It prints ``ready`` after opening.
+each partition and, once ``tpc_finish`` has returned, prints ``done TID N
+NAMES`` (flushed; NAMES are the partitions it touched, comma-separated).
+It prints ``ready`` after opening.
+
+``MIX=SEED`` makes each transaction touch one, two or all three partitions,
+chosen at random (seeded by SEED and the process id); ``PLAN=main,b;b``
+makes the transactions touch those partitions in turn.  Each counter it
+changes records the partitions of its transaction under ``with``, so a
+check can tell, from any child alone, which partitions must hold it.
 
 ``CRASH_AT=POINT:K`` kills the process with SIGKILL the K-th time the
 commit protocol or recovery passes POINT (see ``compositestorage.faults``).
@@ -13,6 +20,7 @@ file back to what was durable (as a power loss would).  ``RAISE_IN_FINISH=NAME``
 ``tpc_finish`` raises (after the real one when it ends in ``+``).
 """
 import os
+import random
 import signal
 import sys
 
@@ -116,13 +124,32 @@ def main():
     conn = db.open()
     counters = ensure_counters(conn)
     print('ready', flush=True)
+    choose = chooser()
     for _ in range(count):
-        for name, _ in PARTS:
+        names = choose()
+        for name in names:
             counters[name]['n'] += 1
+            counters[name]['with'] = names
         transaction.commit()
-        print('done %s %d' % (storage.lastTransaction().hex(),
-                              counters['main']['n']), flush=True)
+        print('done %s %d %s' % (storage.lastTransaction().hex(),
+                                 counters['main']['n'], ','.join(names)),
+              flush=True)
     db.close()
+
+
+def chooser():
+    """What each transaction touches: every partition, a plan, or a mix."""
+    names = tuple(name for name, _ in PARTS)
+    if os.environ.get('PLAN'):
+        plan = [tuple(step.split(','))
+                for step in os.environ['PLAN'].split(';')]
+        steps = iter(plan)
+        return lambda: next(steps, plan[-1])
+    if os.environ.get('MIX'):
+        rng = random.Random('%s-%d' % (os.environ['MIX'], os.getpid()))
+        return lambda: tuple(sorted(rng.sample(names, rng.randint(1, 3)),
+                                    key=names.index))
+    return lambda: names
 
 
 if __name__ == '__main__':

@@ -49,6 +49,13 @@ def run_writer(directory, count, env=None, kill_after=None):
 
     ``kill_after`` seconds after it is ready, it is killed with SIGKILL.
     """
+    code, done = run_writer_lines(directory, count, env, kill_after)
+    return code, [(tid, n) for tid, n, _ in done]
+
+
+def run_writer_lines(directory, count, env=None, kill_after=None):
+    """Run the writer; returns ``(exit code, [(tid, n, names)])`` for each
+    transaction it acknowledged (``names``: the partitions it touched)."""
     proc = subprocess.Popen(
         [sys.executable, WRITER, str(directory), str(count)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -62,8 +69,9 @@ def run_writer(directory, count, env=None, kill_after=None):
     out, err = proc.communicate(timeout=120)
     for line in out.splitlines():
         if line.startswith('done '):
-            _, tid, n = line.split()
-            acknowledged.append((bytes.fromhex(tid), int(n)))
+            _, tid, n, names = line.split()
+            acknowledged.append((bytes.fromhex(tid), int(n),
+                                 tuple(names.split(','))))
     if proc.returncode not in (0, -signal.SIGKILL):
         raise AssertionError('writer failed (%s): %s' % (proc.returncode,
                                                          err))

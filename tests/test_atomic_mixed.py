@@ -1,0 +1,442 @@
+"""Crash atomicity with transactions over one, two and three partitions,
+mixed (DESIGN.md, invariant 6), and what the crash tests that only ever
+touched every partition could not see:
+
+* an intent left in the journal by a lost clear, beside later, acknowledged
+  one-partition commits (a power loss after an ordinary sequence);
+* a child whose damaged tail lost its part of a transaction;
+* readers other than ``load`` while a commit finishes.
+
+The writer (``crash_writer.py`` with ``MIX`` or ``PLAN``) records in each
+counter it changes the partitions its transaction touched, so the check
+below reads, from each child alone, which partitions must hold each
+transaction, independently of what the composite records about it.
+"""
+import os
+import random
+import signal
+import threading
+import time
+
+import pytest
+import transaction
+import ZODB
+from ZODB.FileStorage import FileStorage
+
+from compositestorage import CompositeStorage
+from compositestorage import faults
+from compositestorage.errors import RecoveryError
+from compositestorage.journal import Intent
+from compositestorage.journal import Journal
+from compositestorage.recovery import participants_in
+from conftest import unpickle_record
+from crash_writer import PARTS
+from crash_writer import open_composite
+from test_atomic import _durable_state
+from test_atomic import _power_loss
+from test_atomic import run_writer_lines
+
+NAMES = [name for name, _ in PARTS]
+PREFIX = dict(PARTS)
+NAME_OF = {prefix: name for name, prefix in PARTS}
+
+
+def child_history(directory, name):
+    """``(tids, changes)`` of one child read alone: every tid, and for each
+    transaction that changed its counter, the partitions it touched."""
+    fs = FileStorage(os.path.join(str(directory), name + '.fs'),
+                     read_only=True)
+    tids, changes = [], {}
+    try:
+        for txn in fs.iterator():
+            tids.append(txn.tid)
+            for record in txn:
+                if record.oid[0] != PREFIX[name] or not record.data:
+                    continue
+                state = unpickle_record(record.data)[1]
+                data = state.get('data', {}) if isinstance(state, dict) \
+                    else {}
+                if 'with' in data:
+                    changes[txn.tid] = tuple(data['with'])
+    finally:
+        fs.close()
+    return tids, changes
+
+
+def check_mixed(directory, acknowledged):
+    """Reopen (and so recover), then check that every transaction is in
+    all the partitions it touched or in none, and nothing acknowledged is
+    lost.  Returns the reopened composite's ``recovered``."""
+    storage = open_composite(str(directory))
+    try:
+        outcome = storage.recovered
+        db = ZODB.DB(storage)
+        counters = db.open().root()['counters']
+        values = {name: counters[name]['n'] for name in NAMES}
+        db.close()
+    finally:
+        storage.close()
+    history = {name: child_history(directory, name) for name in NAMES}
+    for name in NAMES:
+        tids, changes = history[name]
+        # the counter is the count of this child's changes to it
+        assert values[name] == len(changes), (name, values, len(changes))
+        for tid, touched in changes.items():
+            for other in touched:
+                assert tid in history[other][0], (
+                    'transaction %s over %s is in %s but not in %s'
+                    % (tid.hex(), touched, name, other))
+    for tid, _, names in acknowledged:
+        for name in names:
+            assert tid in history[name][0], (
+                'acknowledged %s over %s lost from %s' % (tid.hex(), names,
+                                                          name))
+    assert Journal(os.path.join(str(directory), 'main.fs.journal')
+                   ).read() is None
+    # a second open finds nothing to do
+    again = open_composite(str(directory))
+    try:
+        assert again.recovered is None and again.partial == []
+    finally:
+        again.close()
+    return outcome
+
+
+@pytest.fixture
+def seeded(tmp_path):
+    code, acked = run_writer_lines(tmp_path, 1)
+    assert code == 0 and len(acked) == 1
+    return tmp_path
+
+
+def test_the_writer_mixes_one_two_and_three_partitions(seeded):
+    """The mix is real: all three sizes occur, and the check holds."""
+    code, acked = run_writer_lines(seeded, 60, {'MIX': '1'})
+    assert code == 0
+    assert {len(names) for _, _, names in acked} == {1, 2, 3}
+    assert check_mixed(seeded, acked) is None
+
+
+def test_random_kills_with_mixed_transactions(seeded):
+    rng = random.Random(int(os.environ.get('CRASH_SEED', '8765')))
+    acked_all = []
+    deadline = time.time() + 150
+    kills = 0
+    while kills < 40 and time.time() < deadline:
+        code, acked = run_writer_lines(
+            seeded, 10 ** 6, {'MIX': str(kills)},
+            kill_after=rng.uniform(0.0, 0.25))
+        assert code == -signal.SIGKILL
+        kills += 1
+        acked_all.extend(acked)
+        check_mixed(seeded, acked_all)
+    assert kills >= 10
+    assert {len(names) for _, _, names in acked_all} == {1, 2, 3}
+
+
+def test_lost_unsynced_writes_with_mixed_transactions(seeded):
+    """Power losses (every file back to its last fsync) at protocol points
+    and at random instants, with mixed transactions."""
+    log_path = str(seeded / 'fsync.log')
+    rng = random.Random(4242)
+    acked_all = []
+    crash_points = ['intent-written:3', 'finished:main:2', 'finished:b:2',
+                    'journal-cleared:2', 'journal-cleared:4']
+    for i in range(14):
+        baseline = _durable_state(seeded)
+        env = {'FSYNC_LOG': log_path, 'MIX': str(100 + i)}
+        if i < len(crash_points):
+            env['CRASH_AT'] = crash_points[i]
+            code, acked = run_writer_lines(seeded, 10 ** 6, env)
+        else:
+            code, acked = run_writer_lines(seeded, 10 ** 6, env,
+                                           kill_after=rng.uniform(0.05, 0.3))
+        assert code == -signal.SIGKILL
+        _power_loss(seeded, log_path, baseline)
+        acked_all.extend(acked)
+        check_mixed(seeded, acked_all)
+
+
+# --- case 1: a stale intent beside later one-partition commits -------------------
+
+def test_power_loss_after_a_cross_partition_then_a_one_partition_commit(
+        seeded):
+    """T1 over main and b, then T2 in b only, both acknowledged; the
+    journal's clear after T1 was never synced.  The power loss leaves
+    T1's intent beside b's later T2: recovery keeps both."""
+    log_path = str(seeded / 'fsync.log')
+    baseline = _durable_state(seeded)
+    code, acked = run_writer_lines(
+        seeded, 3, {'FSYNC_LOG': log_path, 'PLAN': 'main,b;b;b'})
+    assert code == 0 and [n for _, _, n in acked] == [
+        ('main', 'b'), ('b',), ('b',)]
+    _power_loss(seeded, log_path, baseline)
+    t1 = acked[0][0]
+    journal = Journal(str(seeded / 'main.fs.journal'))
+    # what the power loss left: the intent of T1, never cleared durably
+    assert journal.read() == Intent(t1, (0, 1))
+    # a read-only composite sees T1 and everything after it
+    reader = CompositeStorage(
+        [(name, prefix, FileStorage(str(seeded / (name + '.fs')),
+                                    read_only=True))
+         for name, prefix in PARTS], read_only=True)
+    try:
+        assert reader.lastTransaction() == acked[-1][0]
+    finally:
+        reader.close()
+    outcome = check_mixed(seeded, acked)
+    assert outcome.action == 'complete'
+    assert outcome.present == ['main', 'b']
+
+
+def test_recover_command_after_the_same_power_loss(seeded, capsys):
+    from compositestorage.cli import main as cli_main
+    from conftest import config_file
+    log_path = str(seeded / 'fsync.log')
+    baseline = _durable_state(seeded)
+    code, acked = run_writer_lines(
+        seeded, 2, {'FSYNC_LOG': log_path, 'PLAN': 'main,b;b'})
+    assert code == 0
+    _power_loss(seeded, log_path, baseline)
+    config = config_file(seeded, {name: str(seeded / (name + '.fs'))
+                                  for name in NAMES}, parts=PARTS)
+    assert cli_main(['recover', str(config)]) == 0
+    assert 'complete' in capsys.readouterr().out
+    check_mixed(seeded, acked)
+
+
+# --- case 2: a child that lost its tail --------------------------------------------
+
+def _cut(directory, name, nbytes=10):
+    path = str(directory / (name + '.fs'))
+    for suffix in ('.index', '.tmp'):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    with open(path, 'r+b') as f:
+        f.truncate(os.path.getsize(path) - nbytes)
+
+
+def _tids(directory):
+    return {name: child_history(directory, name)[0] for name in NAMES}
+
+
+@pytest.mark.parametrize('damaged', NAMES)
+def test_a_damaged_tail_takes_the_transaction_back_everywhere(seeded,
+                                                              damaged):
+    code, acked = run_writer_lines(seeded, 3)
+    assert code == 0
+    last = acked[-1][0]
+    _cut(seeded, damaged)
+    storage = open_composite(str(seeded))
+    try:
+        assert [p.tid for p in storage.partial] == [last]
+        db = ZODB.DB(storage)
+        counters = db.open().root()['counters']
+        assert {counters[n]['n'] for n in NAMES} == {acked[-2][1]}
+        db.close()
+    finally:
+        storage.close()
+    for name, tids in _tids(seeded).items():
+        assert last not in tids, name
+        assert acked[-2][0] in tids
+    check_mixed(seeded, acked[:-1])
+
+
+def test_a_damaged_tail_under_later_commits_is_refused(seeded):
+    """main loses T (over all three); b committed T2 after it, so T can not
+    be taken out of b without T2: the open refuses and says why, and a
+    read-only composite shows the state before T."""
+    code, acked = run_writer_lines(seeded, 3, {'PLAN': 'main,b,c;main,b,c;b'})
+    assert code == 0
+    t, t2 = acked[1][0], acked[2][0]
+    # cut main's last transaction (T) off
+    _cut(seeded, 'main')
+    before = {name: open(str(seeded / (name + '.fs')), 'rb').read()
+              for name in ('b', 'c')}
+    with pytest.raises(RecoveryError) as exc:
+        open_composite(str(seeded))
+    message = str(exc.value)
+    assert t.hex() in message and 'main' in message and "'b'" in message
+    assert t2.hex() in message and 'restore' in message
+    for name in ('b', 'c'):
+        assert open(str(seeded / (name + '.fs')), 'rb').read() == \
+            before[name]
+    reader = CompositeStorage(
+        [(name, prefix, FileStorage(str(seeded / (name + '.fs')),
+                                    read_only=True))
+         for name, prefix in PARTS], read_only=True)
+    try:
+        assert acked[0][0] <= reader.lastTransaction() < t
+        db = ZODB.DB(reader)
+        counters = db.open().root()['counters']
+        assert {counters[n]['n'] for n in NAMES} == {2}
+        assert [t.tid for t in reader.iterator()][-1] == acked[0][0]
+        db.close()
+    finally:
+        reader.close()
+
+
+def test_the_span_is_recorded_in_each_child(seeded):
+    code, acked = run_writer_lines(seeded, 3,
+                                   {'PLAN': 'main,b,c;b,c;main'})
+    assert code == 0
+    expected = {acked[0][0]: (0, 1, 2), acked[1][0]: (1, 2),
+                acked[2][0]: ()}
+    for name in NAMES:
+        fs = FileStorage(str(seeded / (name + '.fs')), read_only=True)
+        try:
+            for txn in fs.iterator():
+                if txn.tid in expected:
+                    assert participants_in(txn.extension_bytes) == \
+                        expected[txn.tid]
+                    # ZODB reads the extension as it was
+                    assert txn.extension == {}
+        finally:
+            fs.close()
+    # and the composite gives back ZODB's extension
+    storage = open_composite(str(seeded))
+    try:
+        for txn in storage.iterator():
+            assert txn.extension_bytes == b''
+    finally:
+        storage.close()
+
+
+# --- case 3: every reader during the finish window ---------------------------------
+
+def test_every_reader_while_a_commit_finishes(seeded, monkeypatch):
+    """Between the finishes of the children, no reader shows the new
+    transaction: not getTid, history, loadSerial, iterator,
+    record_iternext or undoLog."""
+    storage = open_composite(str(seeded))
+    db = ZODB.DB(storage)
+    try:
+        tm = transaction.TransactionManager()
+        conn = db.open(tm)
+        counters = conn.root()['counters']
+        oids = {name: counters[name]._p_oid for name in NAMES}
+        before = storage.lastTransaction()
+        seen = {}
+
+        def hook(point):
+            if point != 'finished:b':
+                return
+            tid = storage._coordinator.state.tid
+            seen['tid'] = tid
+            seen['getTid'] = {n: storage.getTid(o) for n, o in oids.items()}
+            seen['history'] = {n: storage.history(o, 5)[0]['tid']
+                               for n, o in oids.items()}
+            seen['iterator'] = [t.tid for t in storage.iterator()]
+            seen['records'] = _record_serials(storage)
+            seen['undo'] = [e['id'] for e in storage.undoLog(0, 5)]
+            with pytest.raises(Exception):
+                storage.loadSerial(oids['main'], tid)
+        monkeypatch.setattr(faults, 'hook', hook)
+        for name in NAMES:
+            counters[name]['n'] += 1
+        tm.commit()
+        monkeypatch.setattr(faults, 'hook', None)
+        tid = seen['tid']
+        assert tid > before
+        assert set(seen['getTid'].values()) == {before}
+        assert set(seen['history'].values()) == {before}
+        assert seen['iterator'][-1] == before
+        assert max(seen['records'].values()) == before
+        assert all(storage.undoLog(0, 1)[0]['id'] != e
+                   for e in seen['undo'])
+        # afterwards every reader shows it
+        assert {storage.getTid(o) for o in oids.values()} == {tid}
+        assert [t.tid for t in storage.iterator()][-1] == tid
+        assert max(_record_serials(storage).values()) == tid
+    finally:
+        db.close()
+
+
+def _record_serials(storage):
+    serials, token = {}, None
+    while True:
+        oid, tid, _, token = storage.record_iternext(token)
+        serials[oid] = tid
+        if token is None:
+            return serials
+
+
+def test_iterating_while_another_thread_commits(seeded):
+    """A thread commits over three partitions while another iterates the
+    storage, again and again: every transaction it sees is whole."""
+    storage = open_composite(str(seeded))
+    db = ZODB.DB(storage)
+    stop = threading.Event()
+    errors = []
+
+    def commit():
+        tm = transaction.TransactionManager()
+        counters = db.open(tm).root()['counters']
+        try:
+            while not stop.is_set():
+                for name in NAMES:
+                    counters[name]['n'] += 1
+                tm.commit()
+        except Exception as e:      # pragma: no cover - reported below
+            errors.append(e)
+    writer = threading.Thread(target=commit)
+    writer.start()
+    partial = whole = 0
+    try:
+        deadline = time.time() + 8
+        while time.time() < deadline:
+            for txn in storage.iterator(storage.lastTransaction()):
+                if len(list(txn)) == 3:
+                    whole += 1
+                else:
+                    partial += 1
+    finally:
+        stop.set()
+        writer.join()
+        db.close()
+    assert not errors
+    assert partial == 0 and whole > 20
+
+
+def test_a_read_only_composite_beside_a_running_writer(seeded):
+    """A read-only composite opened while a writer process commits: its
+    iterator ends at its own lastTransaction, and every transaction in it
+    is whole."""
+    import subprocess
+    import sys
+    from test_atomic import WRITER
+    proc = subprocess.Popen([sys.executable, WRITER, str(seeded), '100000'],
+                            stdout=subprocess.PIPE, text=True)
+    views = []
+    try:
+        assert proc.stdout.readline().strip() == 'ready'
+        for _ in range(5):
+            time.sleep(0.3)
+            reader = _read_only(seeded)
+            try:
+                last = reader.lastTransaction()
+                time.sleep(0.2)     # the writer goes on meanwhile
+                txns = [(t.tid, len(list(t))) for t in reader.iterator()]
+                assert txns[-1][0] <= last
+                assert all(n == 3 for _, n in txns[2:]), txns
+                views.append((last, [tid for tid, _ in txns]))
+            finally:
+                reader.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    # nothing up to its lastTransaction was missing from what it showed
+    final = open_composite(str(seeded))
+    try:
+        tids = [t.tid for t in final.iterator()]
+    finally:
+        final.close()
+    for last, seen in views:
+        assert [tid for tid in tids if tid <= last] == seen
+
+
+def _read_only(directory):
+    return CompositeStorage(
+        [(name, prefix, FileStorage(str(directory / (name + '.fs')),
+                                    read_only=True))
+         for name, prefix in PARTS], read_only=True)
