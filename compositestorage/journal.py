@@ -24,6 +24,7 @@ import zlib
 import zc.lockfile
 
 from compositestorage.errors import CompositeStorageError
+from compositestorage.errors import JournalError
 from compositestorage.errors import WriterLockedError
 
 MAGIC = b'CSJ1'
@@ -178,15 +179,33 @@ def open_journal(path, primary):
     return Journal(path)
 
 
+class _WriterLock(zc.lockfile.LockFile):
+    """zc.lockfile's lock file, let go when its pid cannot be written (a
+    full disk): zc.lockfile would keep the lock in a file object it drops."""
+
+    def _on_lock(self):
+        try:
+            super()._on_lock()
+            self._fp.flush()
+        except OSError:
+            self.close()
+            raise
+
+
 def lock_writer(journal):
     """The lock that makes this process the one writer of the partitions."""
     path = journal.path + '.lock'
     try:
-        return zc.lockfile.LockFile(path)
+        return _WriterLock(path)
     except zc.lockfile.LockError:
         raise WriterLockedError(
             'another process is writing to these partitions (it holds %s); '
             'stop it, or open this composite read-only' % path)
+    except OSError as e:
+        raise JournalError(
+            'could not take the writer lock %s (%s); nothing was written: '
+            'free disk space or file descriptors (ulimit -n), and open the '
+            'storage again' % (path, e)) from e
 
 
 #: How often a read-only composite opens its children before giving up on

@@ -32,6 +32,7 @@ from compositestorage import gc as global_gc
 from compositestorage import iteration
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
+from compositestorage.errors import JournalError
 from compositestorage.errors import UnknownPartitionError
 from compositestorage.errors import WriterLockedError
 from compositestorage.errors import WritesRefusedError
@@ -150,7 +151,14 @@ class CompositeStorage(blobs.BlobMethods):
                 hide = self._unfinished(intent)
             else:
                 self._writer_lock = lock_writer(journal)
-                journal.open()
+                try:
+                    journal.open()
+                except OSError as e:
+                    raise JournalError(
+                        'could not open the commit journal %s (%s); nothing '
+                        'was written: free disk space or file descriptors '
+                        '(ulimit -n), and open the storage again'
+                        % (journal.path, e)) from e
                 self.recovered = recover(self._by_prefix, journal)
         elif not self._read_only and len(self.partitions) > 1:
             logger.warning(
