@@ -25,7 +25,12 @@ for references, the referrer and its partition:
     a reference to an oid whose prefix no partition has;
 ``partition-map``
     a child whose partition map is missing or disagrees with the
-    configuration or with the other children.
+    configuration or with the other children;
+``partial-transaction``
+    a transaction that spans several partitions is missing from one of
+    them (a damaged or replaced file): each child's record of a transaction
+    names every partition it spans, and every transaction of every
+    FileStorage child is checked.
 
 A child that holds no record at all has never been written: the composite
 writes its partition map (and, in a secondary, the root stub) with the
@@ -43,6 +48,7 @@ target of an orphan stub (its object was deleted, or its creation undone),
 are what normal use leaves behind until the next pack, as garbage objects
 are in any FileStorage.  Such problems have ``garbage`` set.
 """
+from BTrees.QQBTree import QQTreeSet
 from ZODB.FileStorage import FileStorage
 from ZODB.fsIndex import fsIndex
 from ZODB.MappingStorage import MappingStorage
@@ -55,6 +61,7 @@ from compositestorage.errors import CorruptStubError
 from compositestorage.errors import oid_hex
 from compositestorage.partition import is_internal
 from compositestorage.progress import quiet
+from compositestorage.recovery import recent_transactions
 from compositestorage.references import class_of
 from compositestorage.references import strong_and_weak_oids
 from compositestorage.stubs import read_stub
@@ -209,7 +216,45 @@ def verify(storage, progress=None):
     finally:
         shown.close()
     problems.extend(_check_maps(storage, unwritten))
+    problems.extend(check_spans(partitions))
     return problems, counts
+
+
+def check_spans(partitions):
+    """A ``partial-transaction`` problem for each partition that lacks a
+    transaction which another child records as spanning it."""
+    by_prefix = {p.prefix: p for p in partitions}
+    held = {}       # prefix -> QQTreeSet of the tids its child holds
+    spans = {}      # tid -> prefixes, for transactions over several
+    for part in partitions:
+        if not isinstance(part.base, FileStorage):
+            continue            # its history is not read (see recovery)
+        held[part.prefix] = tids = QQTreeSet()
+        for tid, prefixes in recent_transactions(part, z64, float('inf')):
+            tids.add(u64(tid))
+            if len(prefixes) > 1:
+                spans[tid] = prefixes
+    problems = []
+    for tid in sorted(spans):
+        prefixes = spans[tid]
+        names = ', '.join(by_prefix[q].name if q in by_prefix
+                          else 'prefix %d' % q for q in prefixes)
+        for prefix in prefixes:
+            tids = held.get(prefix)
+            if tids is None and prefix in by_prefix:
+                continue        # a child whose history is not read
+            if tids is not None and u64(tid) in tids:
+                continue
+            name = by_prefix[prefix].name if prefix in by_prefix \
+                else 'prefix %d (not configured)' % prefix
+            problems.append(Problem(
+                'partial-transaction', name, None,
+                detail='transaction %s spans %s, and this partition lacks '
+                'it (a damaged or replaced file?); opening the composite '
+                'for writing takes it back from the others where it is '
+                'their last transaction, else restore from a backup'
+                % (tid.hex(), names)))
+    return problems
 
 
 def _check_references(part, by_prefix, own, stubs, shown, unwritten=False):
