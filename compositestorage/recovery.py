@@ -185,8 +185,15 @@ def recover(partitions, journal, dry_run=False):
 
 
 def _check_last(holders, tid, lacking):
-    """Refuse to take ``tid`` back from a holder that committed after it."""
+    """Refuse to take ``tid`` back from a holder that committed after it,
+    or that is read-only."""
     for part in holders:
+        if part.read_only:
+            raise RecoveryError(
+                'transaction %s must be taken back from partition %r (%s '
+                'lack(s) it), but that partition is read-only; open it '
+                'writable once, so that recovery can remove it'
+                % (tid.hex(), part.name, ', '.join(lacking)))
         last = last_finished(part)
         if last != tid:
             raise RecoveryError(

@@ -446,3 +446,25 @@ def _read_only(directory):
         [(name, prefix, FileStorage(str(directory / (name + '.fs')),
                                     read_only=True))
          for name, prefix in PARTS], read_only=True)
+
+
+def test_recovery_never_cuts_a_read_only_partition(seeded):
+    """A transaction main finished and b, c did not must come out of
+    main; with main configured read-only, the open says so instead."""
+    from compositestorage.partition import Partition
+    code, _ = run_writer_lines(seeded, 5, {'CRASH_AT': 'finished:main:2'})
+    assert code == -signal.SIGKILL
+    before = open(str(seeded / 'main.fs'), 'rb').read()
+    children = [Partition(name, prefix,
+                          FileStorage(str(seeded / (name + '.fs'))),
+                          read_only=(name == 'main'))
+                for name, prefix in PARTS]
+    with pytest.raises(RecoveryError) as exc:
+        CompositeStorage(children)
+    for part in children:
+        part.storage.close()
+    assert "partition 'main'" in str(exc.value)
+    assert 'read-only' in str(exc.value)
+    assert open(str(seeded / 'main.fs'), 'rb').read() == before
+    # opened writable, recovery takes it back
+    assert check_mixed(seeded, []).action == 'rolled back'
