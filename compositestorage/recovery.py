@@ -168,7 +168,7 @@ def recover(partitions, journal, dry_run=False):
     else:
         action, rolled_back = ROLLED_BACK, [p.name for p in present]
         _check_last(present, intent.tid, [p.name for p in parts
-                                          if p not in present])
+                                          if p not in present], dry_run)
     outcome = Outcome(intent, [p.name for p in parts], action,
                       [p.name for p in present], rolled_back, dry_run)
     if dry_run:
@@ -184,11 +184,11 @@ def recover(partitions, journal, dry_run=False):
     return outcome
 
 
-def _check_last(holders, tid, lacking):
+def _check_last(holders, tid, lacking, dry_run=False):
     """Refuse to take ``tid`` back from a holder that committed after it,
-    or that is read-only."""
+    or that is read-only (unless only reporting)."""
     for part in holders:
-        if part.read_only:
+        if part.read_only and not dry_run:
             raise RecoveryError(
                 'transaction %s must be taken back from partition %r (%s '
                 'lack(s) it), but that partition is read-only; open it '
@@ -284,7 +284,7 @@ def remove_partial(partitions, depth=CHECK_DEPTH, dry_run=False):
     """
     partial = partial_transactions(partitions, depth)
     for entry in reversed(partial):
-        _check_last(entry.holders, entry.tid, entry.lacking)
+        _check_last(entry.holders, entry.tid, entry.lacking, dry_run)
         if dry_run:
             continue
         for part in entry.holders:

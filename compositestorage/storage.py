@@ -113,7 +113,7 @@ class CompositeStorage(blobs.BlobMethods):
         self.journal = open_journal(journal, self.primary)
         self._writer_lock = None
         try:
-            self._open_journal(journal_seen)
+            self._become_writer()
             self._finish_lock = threading.RLock()
             self._coordinator = Coordinator(self)
             self._policy = make_policy(placement, self)
@@ -123,54 +123,68 @@ class CompositeStorage(blobs.BlobMethods):
                     p.storage.tryToResolveConflict = resolver_keeping_tags(
                         resolve)
             self.identity = None
+            # The children must be the right ones before recovery may cut
+            # any of them: a swapped or foreign child is refused first.
             self._check_maps()
+            if self._recover(journal_seen):
+                self._coordinator.pending_init.clear()
+                self._check_maps()
             self._declare_interfaces()
         except BaseException:
             self._release_writer_lock()
             raise
 
-    def _open_journal(self, seen=None):
-        """Become the one writer, recover, and find what loads may see.
+    def _become_writer(self):
+        """Take the writer lock beside the journal, open the journal, and
+        mark the children as this composite's; a read-only composite does
+        none of it."""
+        journal = self.journal
+        if self._read_only:
+            return
+        if journal is not None:
+            self._writer_lock = lock_writer(journal)
+            try:
+                journal.open()
+            except OSError as e:
+                raise JournalError(
+                    'could not open the commit journal %s (%s); nothing '
+                    'was written: free disk space or file descriptors '
+                    '(ulimit -n), and open the storage again'
+                    % (journal.path, e)) from e
+        elif len(self.partitions) > 1:
+            logger.warning(
+                '%s: no journal (its primary is not a FileStorage and no '
+                'journal path is configured), so a transaction over several '
+                'partitions is not crash-safe', self.__name__)
+        self._guard_children()
 
-        A writer takes the lock beside the journal, completes or removes a
-        transaction the journal says had begun to finish, and takes back
-        a transaction that a damaged child lost from the others
-        (:func:`~compositestorage.recovery.remove_partial`).  A read-only
-        composite changes nothing: it does not see a transaction that some
-        of its partitions lack, whether the journal's intent names it (as
-        the journal was while its children opened: ``seen``, when the
-        opener read it; else read now) or the children's own records do.
+    def _recover(self, seen=None):
+        """Recover, and find what every reader may see; returns whether a
+        child was changed.
+
+        A writer completes or removes a transaction the journal says had
+        begun to finish, and takes back a transaction that a damaged child
+        lost from the others (:func:`~compositestorage.recovery.remove_partial`).
+        A read-only composite changes nothing: it does not see a
+        transaction that some of its partitions lack, whether the
+        journal's intent names it (as the journal was while its children
+        opened: ``seen``, when the opener read it; else read now) or the
+        children's own records do.
         """
         journal = self.journal
         self.recovered = None
         self.partial = []
         hide = None
-        if journal is not None:
-            if self._read_only:
+        if self._read_only:
+            if journal is not None:
                 intent = journal.read() if seen is None else decode(seen)
                 hide = self._unfinished(intent)
-            else:
-                self._writer_lock = lock_writer(journal)
-                try:
-                    journal.open()
-                except OSError as e:
-                    raise JournalError(
-                        'could not open the commit journal %s (%s); nothing '
-                        'was written: free disk space or file descriptors '
-                        '(ulimit -n), and open the storage again'
-                        % (journal.path, e)) from e
-                self.recovered = recover(self._by_prefix, journal)
-        elif not self._read_only and len(self.partitions) > 1:
-            logger.warning(
-                '%s: no journal (its primary is not a FileStorage and no '
-                'journal path is configured), so a transaction over several '
-                'partitions is not crash-safe', self.__name__)
-        if not self._read_only:
-            self._guard_children()
-            self.partial = remove_partial(self._by_prefix)
-        else:
             for entry in partial_transactions(self._by_prefix):
                 hide = entry.tid if hide is None else min(hide, entry.tid)
+        else:
+            if journal is not None:
+                self.recovered = recover(self._by_prefix, journal)
+            self.partial = remove_partial(self._by_prefix)
         last = z64
         for p in self.partitions:
             tid = (last_finished(p) if self._read_only
@@ -181,6 +195,8 @@ class CompositeStorage(blobs.BlobMethods):
         self._ltid = last
         #: The last tid every participant has finished: what loads may see.
         self.advance_visible(self._ltid)
+        return bool(self.partial) or (
+            self.recovered is not None and bool(self.recovered.rolled_back))
 
     def _unfinished(self, intent):
         """``intent``'s tid, unless every partition it names holds it."""

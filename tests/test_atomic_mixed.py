@@ -387,21 +387,23 @@ def test_iterating_while_another_thread_commits(seeded):
             errors.append(e)
     writer = threading.Thread(target=commit)
     writer.start()
-    partial = whole = 0
+    partial, whole = [], 0
     try:
         deadline = time.time() + 8
         while time.time() < deadline:
             for txn in storage.iterator(storage.lastTransaction()):
-                if len(list(txn)) == 3:
+                records = list(txn)
+                if len(records) == 3:
                     whole += 1
                 else:
-                    partial += 1
+                    partial.append((txn.tid.hex(),
+                                    [r.oid.hex() for r in records]))
     finally:
         stop.set()
         writer.join()
         db.close()
-    assert not errors
-    assert partial == 0 and whole > 20
+    assert not errors, errors
+    assert partial == [] and whole > 20, (partial[:5], whole)
 
 
 def test_a_read_only_composite_beside_a_running_writer(seeded):

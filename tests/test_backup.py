@@ -388,7 +388,7 @@ class Writer:
             if line.startswith('ready'):
                 self.ready.set()
             elif line.startswith('done '):
-                _, tid, n = line.split()
+                _, tid, n = line.split()[:3]
                 self.acked.append((bytes.fromhex(tid), int(n)))
 
     def wait_for_commits(self, count, timeout=60):
