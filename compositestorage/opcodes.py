@@ -30,7 +30,6 @@ expression; Python looks only at counted arguments (strings, bytes, oids),
 ``STOP``, memo PUTs with a long index, and the opcodes where a reference
 may begin.  Every step moves forward, so the walk is linear in the record.
 """
-import io
 import pickletools
 import re
 
@@ -45,6 +44,27 @@ MAX_NESTING = 5000
 
 class NotAPickle(CorruptRecordError):
     """The bytes are not two whole pickles that ``noload`` could read."""
+
+
+class UnreadableRecordError(CorruptRecordError):
+    """A pickle with a reference to another partition that the exact parse
+    cannot read, so its class hint cannot be rewritten."""
+
+    def __init__(self, reason, oid=None, partition=None):
+        CorruptRecordError.__init__(self, reason)
+        self.reason = reason
+        self.oid = oid
+        self.partition = partition
+
+    def naming(self, oid, partition):
+        return UnreadableRecordError(self.reason, oid, partition)
+
+    def __str__(self):
+        return ('cannot store oid %s in partition %r: it refers to another '
+                'partition, but its pickle cannot be parsed (%s); nothing '
+                'was stored from it. Check the client that wrote it'
+                % (oid_hex(self.oid) if self.oid is not None else '?',
+                   self.partition, self.reason))
 
 
 class UnsafeRecordError(CorruptRecordError):
@@ -105,25 +125,42 @@ def _layouts():
 LAYOUTS = _layouts()
 
 
-def _run_pattern(stop_at_gets):
+#: Counted arguments up to this long are matched by the regular expression.
+_SHORT = 48
+
+
+def _run_pattern(stop_at_refs):
     """A regular expression for a run of opcodes that need no look from
-    Python: every opcode but STOP, the counted ones, LONG_BINPUT and PUT.
-    With ``stop_at_gets``, a BINGET or LONG_BINGET followed by a GLOBAL or
-    a GET also ends a run: a class-hinted reference may begin there."""
+    Python: every opcode but STOP, PUT, a LONG_BINPUT beyond memo index
+    255 and a counted one longer than :data:`_SHORT`.  With
+    ``stop_at_refs``, an opcode where a class-hinted reference may begin
+    ends a run too: a SHORT_BINBYTES of eight bytes (an oid), and a BINGET
+    or LONG_BINGET followed by a GLOBAL or a GET."""
     plain = []
     alternatives = []
     for code, (name, kind, n) in LAYOUTS.items():
         c = re.escape(bytes([code]))
-        if name in ('STOP', 'LONG_BINPUT', 'PUT') or kind == 'counted':
+        if name in ('STOP', 'PUT'):
             continue
         if kind is None:
             plain.append(c)
+        elif name == 'LONG_BINPUT':
+            alternatives.append(c + rb'.\x00\x00\x00')
         elif kind == 'fixed':
-            tail = rb'(?![chj])' if stop_at_gets and name in (
+            tail = rb'(?![chj])' if stop_at_refs and name in (
                 'BINGET', 'LONG_BINGET') else b''
             alternatives.append(c + b'.{%d}' % n + tail)
+        elif kind == 'counted':
+            lengths = [length for length in range(_SHORT + 1)
+                       if not (stop_at_refs and name == 'SHORT_BINBYTES'
+                               and length == 8)]
+            alternatives.append(c + b'(?:' + b'|'.join(
+                re.escape(length.to_bytes(n, 'little')) + b'.{%d}' % length
+                for length in lengths) + b')')
         else:
             alternatives.append(c + rb'[^\n]*+\n' * n)
+    # the commonest first: each alternative is tried in turn
+    alternatives.sort(key=lambda a: a[:1] not in b'XCqhK')
     alternatives.insert(0, b'[' + b''.join(plain) + b']')
     return re.compile(b'(?:' + b'|'.join(alternatives) + b')*+', re.DOTALL)
 
@@ -233,53 +270,83 @@ def _check_nesting(data, end):
             'tuples nested %d deep' % deepest, offset, len(data))
 
 
+def _stack_effects():
+    """``{opcode byte: (pops, pushes, to_mark, marks)}`` from pickletools:
+    items popped, items pushed, whether it pops down to a MARK, whether it
+    pushes one."""
+    mark = pickletools.markobject
+    table = {}
+    for op in pickletools.opcodes:
+        if op.proto > 3:
+            continue
+        before, after = op.stack_before, op.stack_after
+        to_mark = mark in before
+        pops = before.index(mark) if to_mark else len(before)
+        table[ord(op.code)] = (pops, len(after) - (mark in after), to_mark,
+                               mark in after)
+    return table
+
+
+_EFFECTS = _stack_effects()
+_TUPLE_OPS = {ord('t'): 0, 0x85: 1, 0x86: 2, 0x87: 3}
+_MEMO_PUTS = frozenset(map(ord, 'pqr'))
+_MEMO_GETS = frozenset(map(ord, 'ghj'))
+
+
 def _deepest_tuple(data, end):
     """``(depth, offset)`` of the most deeply nested tuple in the pickles
-    of ``data[:end]`` (already walked, so well formed), by their opcodes'
-    stack effects."""
-    mark = pickletools.markobject
+    of ``data[:end]``, which :func:`walk` found well formed, by each
+    opcode's effect on the stack (only nesting through tuples counts: a
+    dict hashes its keys, and only a tuple hashes what it holds)."""
     stack = []          # nesting depth of each item, or None for a MARK
     memo = {}
     deepest = (0, 0)
-    f = io.BytesIO(data[:end])
-    while f.tell() < end:
-        for op, arg, pos in pickletools.genops(f):
-            name = op.name
-            if name in ('TUPLE1', 'TUPLE2', 'TUPLE3', 'TUPLE'):
-                if name == 'TUPLE':
-                    items = []
-                    while stack and stack[-1] is not None:
-                        items.append(stack.pop())
-                    if stack:
-                        stack.pop()
-                else:
-                    count = int(name[-1])
-                    items = stack[-count:]
-                    del stack[-count:]
-                depth = 1 + max([d for d in items if d is not None],
-                                default=0)
-                stack.append(depth)
-                if depth > deepest[0]:
-                    deepest = (depth, pos)
-            elif name in ('PUT', 'BINPUT', 'LONG_BINPUT'):
-                if stack:
-                    memo[arg] = stack[-1]
-            elif name in ('GET', 'BINGET', 'LONG_BINGET'):
-                stack.append(memo.get(arg, 0))
-            elif name == 'DUP':
-                stack.append(stack[-1] if stack else 0)
+    pos = 0
+    while pos < end:
+        code = data[pos]
+        start = pos
+        _, kind, n = LAYOUTS[code]
+        pos += 1
+        arg = pos
+        if kind == 'fixed':
+            pos += n
+        elif kind == 'counted':
+            pos += n + int.from_bytes(data[pos:pos + n], 'little')
+        elif kind == 'lines':
+            for _ in range(n):
+                pos = data.index(b'\n', pos) + 1
+        if code in _TUPLE_OPS:
+            count = _TUPLE_OPS[code]
+            depth = 0
+            if count:
+                for _ in range(min(count, len(stack))):
+                    depth = max(depth, stack.pop() or 0)
             else:
-                before = op.stack_before
-                if mark in before:
-                    while stack and stack[-1] is not None:
-                        stack.pop()
-                    if stack:
-                        stack.pop()
-                    count = before.index(mark)
-                else:
-                    count = len(before)
-                if count:
-                    del stack[-count:]
-                stack.extend(None if item is mark else 0
-                             for item in op.stack_after)
+                while stack and stack[-1] is not None:
+                    depth = max(depth, stack.pop())
+                if stack:
+                    stack.pop()
+            depth += 1
+            stack.append(depth)
+            if depth > deepest[0]:
+                deepest = (depth, start)
+        elif code in _MEMO_PUTS:
+            if stack:
+                memo[data[arg:pos]] = stack[-1]
+        elif code in _MEMO_GETS:
+            stack.append(memo.get(data[arg:pos], 0))
+        elif code == 0x32:                  # DUP
+            stack.append(stack[-1] if stack else 0)
+        else:
+            pops, pushes, to_mark, marks = _EFFECTS[code]
+            if to_mark:
+                while stack and stack[-1] is not None:
+                    stack.pop()
+                if stack:
+                    stack.pop()
+            if pops:
+                del stack[-pops:]
+            if marks:
+                stack.append(None)
+            stack.extend([0] * pushes)
     return deepest

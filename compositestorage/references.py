@@ -45,6 +45,7 @@ from zodbpickle.pickle import Unpickler
 
 from compositestorage.errors import CorruptRecordError
 from compositestorage.opcodes import NotAPickle
+from compositestorage.opcodes import UnreadableRecordError
 from compositestorage.opcodes import UnsafeRecordError
 from compositestorage.opcodes import walk
 
@@ -247,7 +248,9 @@ def to_child_record(data, prefix, oid=None, partition=None):
     rewritten hint named, by oid.
 
     A record whose parse would take memory or time out of proportion to
-    it raises :class:`~compositestorage.opcodes.UnsafeRecordError`, naming
+    it raises :class:`~compositestorage.opcodes.UnsafeRecordError`, and
+    one with a reference to rewrite that the exact parse cannot read
+    :class:`~compositestorage.opcodes.UnreadableRecordError`, naming
     ``oid`` and ``partition`` when given.
     """
     try:
@@ -255,11 +258,16 @@ def to_child_record(data, prefix, oid=None, partition=None):
                 if data[:2] == b'\x80\x03' else None)
         if done is None:
             foreign, hinted = scan(data, prefix)
-            record, hints = (classes_to_hints(data, prefix) if hinted
-                             else (data, {}))
+            try:
+                record, hints = (classes_to_hints(data, prefix) if hinted
+                                 else (data, {}))
+            except UnsafeRecordError:
+                raise
+            except CorruptRecordError as e:
+                raise UnreadableRecordError(str(e))
         else:
             record, foreign, hints = done
-    except UnsafeRecordError as e:
+    except (UnsafeRecordError, UnreadableRecordError) as e:
         raise e.naming(oid, partition) from None
     if needs_tag(data):
         record += EXACT_TAG
@@ -329,6 +337,9 @@ def hints_to_classes(data, prefix, lookup):
     def original(oid, klass):
         if oid[0] == prefix or not is_stub_hint(klass):
             return None
+        how = _hint_how(klass)
+        if how is not None:
+            return how
         return hinted_class(klass) or lookup(oid)
 
     try:
@@ -378,6 +389,28 @@ def restore_hints(data):
             out.append(original)
         out.append(part[end + 1:])
     return b''.join(out)
+
+
+class Replaced(bytes):
+    """The bytes a stub hint replaced (empty for a ``'-'`` hint, whose
+    POP goes too); what a ``replace`` callback returns to put them back."""
+
+
+def _hint_how(klass):
+    """The :class:`Replaced` bytes a hint that says how names, else
+    ``None`` (a hint that names a GLOBAL of its class, or none)."""
+    fields = klass[1].split(':')
+    if len(fields) != 4:
+        return None
+    try:
+        original = _restoration(':'.join(fields[1:]).encode('utf-8'))
+    except UnicodeEncodeError:
+        return None
+    if original is None:
+        return None
+    replaced = Replaced(original)
+    replaced.klass = (fields[1], fields[2])
+    return replaced
 
 
 def _restoration(header):
@@ -482,6 +515,7 @@ def _apply(data, edits):
 
 
 _H = ord('h')
+_POP_OP = ord('0')
 _J = ord('j')
 
 
@@ -496,6 +530,12 @@ def _edit(data, klass_op, new):
     start, end, put_end = klass_op
     if isinstance(new, Hint):
         return _hint_edit(data, klass_op, tuple(new))
+    if isinstance(new, Replaced):
+        if new:
+            return (start, end, bytes(new))
+        if start and data[start - 1] == _POP_OP:
+            return (start - 1, end, b'')        # the POP and the hint
+        return (start, end, _global_op(new.klass))
     if put_end is not None:
         # keep the memoized original, then swap it out
         return (start, put_end,
@@ -746,16 +786,14 @@ def _quick_edits(data, replace):
             key = int.from_bytes(value, 'little')
         elif name == 'MEMOIZE':
             key = len(memo)
-        elif name in ('PUT', 'GET', 'LONG_BINGET', 'BINGET'):
-            if name == 'GET':
-                return None
+        elif name in ('PUT', 'GET'):
+            return None                 # text memo ops: the exact parse
+        elif name in _BINARY_GETS:
             key = int.from_bytes(value, 'little')
             ops.append(('GET', start, i, memo.get(key)))
             continue
         else:
             key = None
-            if name == 'PUT':
-                return None
         if key is not None:
             # memo[key] = what the previous op pushed, if we know it
             prev = ops[-1] if ops else None
