@@ -26,10 +26,16 @@ without loading the stub.
 Most records need no parsing at all.  On store, :func:`quick_check` finds
 the records that cannot hold an oid of another partition (a protocol 3
 pickle spells every oid ``C\\x08`` and its eight bytes), and those are
-stored as they are.  The others, in ZODB's own layout, are rewritten by
-one regular expression whose result one C ``noload`` checks; anything else
+stored as they are.  The others are first walked opcode by opcode
+(:func:`compositestorage.opcodes.walk`, linear in the record's size): the
+walk refuses a pickle that would make the C unpickler use memory or time
+out of proportion to it, and tries one regular expression for ZODB's
+layout of a class-hinted reference only where an opcode begins, so the same
+bytes inside a ``bytes`` value are user data.  ``noload`` of the original
+must then report every such reference where a match ends; anything else
 goes through an opcode scan, and that failing, an exact stack-tracking
-parse.  No class is ever imported.  On load, a record without the stub
+parse.  No class is ever imported, and the C unpickler never sees bytes
+the walk has not checked.  On load, a record without the stub
 class's name comes back byte for byte, and one with it is split at its
 hints and put back together.  That is exact because of how records are
 stored: a record whose own bytes already hold a hint's spelling (user data
