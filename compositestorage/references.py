@@ -589,7 +589,7 @@ def _exact_edits(data, replace):
             continue
         if name in _PUTS:
             key = len(memo) if name == 'MEMOIZE' else arg
-            if stack:
+            if stack and stack[-1] is not _MARK:
                 top = stack[-1]
                 memo[key] = top
                 if top.kind == 'global' and top.end == pos:
@@ -625,8 +625,9 @@ def _exact_edits(data, replace):
             continue
         if name == 'BINPERSID':
             pid = stack.pop() if stack else None
-            if (pid is not None and pid.kind == 'tuple'
+            if (isinstance(pid, _Entry) and pid.kind == 'tuple'
                     and len(pid.value) == 2
+                    and _MARK not in pid.value
                     and pid.value[0].kind == 'bytes'
                     and pid.value[0].value is not None
                     and pid.value[1].kind == 'global'):
@@ -953,7 +954,8 @@ def _rewrite_zodb_layout(data, prefix):
         pids, _ = pids_and_ends(data, walked=True)
     except Exception:
         return None
-    found = [(pid[0], end) for pid, end in pids if isinstance(pid, tuple)]
+    found = [(pid[0], end) for pid, end in pids
+             if isinstance(pid, tuple) and pid]
     if found != expected:
         return None
     foreign = set()
