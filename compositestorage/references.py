@@ -26,10 +26,16 @@ without loading the stub.
 Most records need no parsing at all.  On store, :func:`quick_check` finds
 the records that cannot hold an oid of another partition (a protocol 3
 pickle spells every oid ``C\\x08`` and its eight bytes), and those are
-stored as they are.  The others, in ZODB's own layout, are rewritten by
-one regular expression whose result one C ``noload`` checks; anything else
+stored as they are.  The others are first walked opcode by opcode
+(:func:`compositestorage.opcodes.walk`, linear in the record's size): the
+walk refuses a pickle that would make the C unpickler use memory or time
+out of proportion to it, and tries one regular expression for ZODB's
+layout of a class-hinted reference only where an opcode begins, so the same
+bytes inside a ``bytes`` value are user data.  ``noload`` of the original
+must then report every such reference where a match ends; anything else
 goes through an opcode scan, and that failing, an exact stack-tracking
-parse.  No class is ever imported.  On load, a record without the stub
+parse.  No class is ever imported, and the C unpickler never sees bytes
+the walk has not checked.  On load, a record without the stub
 class's name comes back byte for byte, and one with it is split at its
 hints and put back together.  That is exact because of how records are
 stored: a record whose own bytes already hold a hint's spelling (user data
@@ -44,6 +50,10 @@ import re
 from zodbpickle.pickle import Unpickler
 
 from compositestorage.errors import CorruptRecordError
+from compositestorage.opcodes import NotAPickle
+from compositestorage.opcodes import UnreadableRecordError
+from compositestorage.opcodes import UnsafeRecordError
+from compositestorage.opcodes import walk
 
 #: The global that names the stub class, as it appears in a GLOBAL opcode.
 STUB_MODULE = 'compositestorage.stubs'
@@ -100,9 +110,17 @@ def is_stub_hint(klass):
 
 
 def _oid_bytes(oid):
+    """``oid`` as bytes, or ``None`` for anything that is not an oid (a
+    client's pickle can put any object where an oid belongs; one that is
+    not eight bytes must never reach a set, a hash or a child)."""
     if isinstance(oid, str):  # Python 2 pickles
-        return oid.encode('latin-1')
-    return oid
+        try:
+            oid = oid.encode('latin-1')
+        except UnicodeEncodeError:
+            return None
+    if type(oid) is bytes and len(oid) == 8:
+        return oid
+    return None
 
 
 def persistent_ids(data):
@@ -114,10 +132,19 @@ def persistent_ids(data):
     return [pid for pid, _ in pids_and_ends(data)[0]]
 
 
-def pids_and_ends(data):
+def pids_and_ends(data, walked=False):
     """``([(pid, end)], consumed)``: each persistent id of a record with the
     offset where its BINPERSID ends, and how many bytes the two pickles
-    took.  Raises whatever the unpickler raises on a bad pickle."""
+    took.  Raises whatever the unpickler raises on a bad pickle.
+
+    The C unpickler runs only on a record that :func:`~compositestorage.
+    opcodes.walk` found within bounds (``walked`` says the caller has
+    walked it already): otherwise it raises
+    :class:`~compositestorage.opcodes.NotAPickle` or
+    :class:`~compositestorage.opcodes.UnsafeRecordError`.
+    """
+    if not walked:
+        walk(data)
     f = io.BytesIO(data)
     tell = f.tell
     pids = []
@@ -183,6 +210,8 @@ def scan(data, prefix):
         return (), False
     try:
         refs = persistent_ids(data)
+    except UnsafeRecordError:
+        raise
     except Exception:
         # Not a ZODB pickle: storages accept any bytes, and such a record
         # holds no reference to rewrite.
@@ -202,11 +231,14 @@ def scan(data, prefix):
 def _ref_oid(ref):
     """The oid a persistent id refers to in this database, else ``None``."""
     if isinstance(ref, tuple):
+        if not ref:
+            return None
         oid = ref[0]
     elif isinstance(ref, list):
         if len(ref) == 1:
             oid = ref[0]                # legacy weak reference
-        elif ref[0] == 'w' and len(ref[1]) == 1:
+        elif (len(ref) == 2 and ref[0] == 'w'
+              and isinstance(ref[1], tuple) and len(ref[1]) == 1):
             oid = ref[1][0]
         else:
             return None                 # another database's reference
@@ -215,20 +247,34 @@ def _ref_oid(ref):
     return _oid_bytes(oid)
 
 
-def to_child_record(data, prefix):
+def to_child_record(data, prefix, oid=None, partition=None):
     """``(record, foreign, hints)`` for ``data`` to be stored in partition
     ``prefix``: the record its child stores, the oids of other partitions
     it refers to (each needs a stub in this partition), and the class each
     rewritten hint named, by oid.
+
+    A record whose parse would take memory or time out of proportion to
+    it raises :class:`~compositestorage.opcodes.UnsafeRecordError`, and
+    one with a reference to rewrite that the exact parse cannot read
+    :class:`~compositestorage.opcodes.UnreadableRecordError`, naming
+    ``oid`` and ``partition`` when given.
     """
-    done = (_rewrite_zodb_layout(data, prefix)
-            if data[:2] == b'\x80\x03' else None)
-    if done is None:
-        foreign, hinted = scan(data, prefix)
-        record, hints = (classes_to_hints(data, prefix) if hinted
-                         else (data, {}))
-    else:
-        record, foreign, hints = done
+    try:
+        done = (_rewrite_zodb_layout(data, prefix)
+                if data[:2] == b'\x80\x03' else None)
+        if done is None:
+            foreign, hinted = scan(data, prefix)
+            try:
+                record, hints = (classes_to_hints(data, prefix) if hinted
+                                 else (data, {}))
+            except UnsafeRecordError:
+                raise
+            except CorruptRecordError as e:
+                raise UnreadableRecordError(str(e))
+        else:
+            record, foreign, hints = done
+    except (UnsafeRecordError, UnreadableRecordError) as e:
+        raise e.naming(oid, partition) from None
     if needs_tag(data):
         record += EXACT_TAG
     return record, foreign, hints
@@ -297,6 +343,9 @@ def hints_to_classes(data, prefix, lookup):
     def original(oid, klass):
         if oid[0] == prefix or not is_stub_hint(klass):
             return None
+        how = _hint_how(klass)
+        if how is not None:
+            return how
         return hinted_class(klass) or lookup(oid)
 
     try:
@@ -348,6 +397,28 @@ def restore_hints(data):
     return b''.join(out)
 
 
+class Replaced(bytes):
+    """The bytes a stub hint replaced (empty for a ``'-'`` hint, whose
+    POP goes too); what a ``replace`` callback returns to put them back."""
+
+
+def _hint_how(klass):
+    """The :class:`Replaced` bytes a hint that says how names, else
+    ``None`` (a hint that names a GLOBAL of its class, or none)."""
+    fields = klass[1].split(':')
+    if len(fields) != 4:
+        return None
+    try:
+        original = _restoration(':'.join(fields[1:]).encode('utf-8'))
+    except UnicodeEncodeError:
+        return None
+    if original is None:
+        return None
+    replaced = Replaced(original)
+    replaced.klass = (fields[1], fields[2])
+    return replaced
+
+
 def _restoration(header):
     """What a hint's ``module:name[:how]`` replaced: a GLOBAL, a GET, or
     ``_POP``; ``None`` if it is not well formed."""
@@ -383,15 +454,9 @@ def strong_and_weak_oids(data, strict=False):
             raise
         return strong, weak
     for ref in refs:
-        if isinstance(ref, tuple):
-            strong.append(_oid_bytes(ref[0]))
-        elif isinstance(ref, list):
-            if len(ref) == 1:
-                weak.append(_oid_bytes(ref[0]))
-            elif ref[0] == 'w' and len(ref[1]) == 1:
-                weak.append(_oid_bytes(ref[1][0]))
-        else:
-            strong.append(_oid_bytes(ref))
+        oid = _ref_oid(ref)
+        if oid is not None:
+            (weak if isinstance(ref, list) else strong).append(oid)
     return strong, weak
 
 
@@ -456,6 +521,7 @@ def _apply(data, edits):
 
 
 _H = ord('h')
+_POP_OP = ord('0')
 _J = ord('j')
 
 
@@ -470,6 +536,12 @@ def _edit(data, klass_op, new):
     start, end, put_end = klass_op
     if isinstance(new, Hint):
         return _hint_edit(data, klass_op, tuple(new))
+    if isinstance(new, Replaced):
+        if new:
+            return (start, end, bytes(new))
+        if start and data[start - 1] == _POP_OP:
+            return (start - 1, end, b'')        # the POP and the hint
+        return (start, end, _global_op(new.klass))
     if put_end is not None:
         # keep the memoized original, then swap it out
         return (start, put_end,
@@ -517,7 +589,7 @@ def _exact_edits(data, replace):
             continue
         if name in _PUTS:
             key = len(memo) if name == 'MEMOIZE' else arg
-            if stack:
+            if stack and stack[-1] is not _MARK:
                 top = stack[-1]
                 memo[key] = top
                 if top.kind == 'global' and top.end == pos:
@@ -553,9 +625,11 @@ def _exact_edits(data, replace):
             continue
         if name == 'BINPERSID':
             pid = stack.pop() if stack else None
-            if (pid is not None and pid.kind == 'tuple'
+            if (isinstance(pid, _Entry) and pid.kind == 'tuple'
                     and len(pid.value) == 2
+                    and _MARK not in pid.value
                     and pid.value[0].kind == 'bytes'
+                    and pid.value[0].value is not None
                     and pid.value[1].kind == 'global'):
                 oid_e, klass_e = pid.value
                 new = replace(oid_e.value, klass_e.value)
@@ -592,16 +666,46 @@ def _exact_edits(data, replace):
 def class_of(data):
     """The ``(module, name)`` of a record's class, without importing it.
 
-    ``None`` for a record whose class is itself a persistent object.
+    ``None`` for a record whose class is itself a persistent object, or
+    that is not a ZODB record.  Only the first few opcodes are read:
+    ZODB's ``get_pickle_metadata`` loads any other layout with the full
+    unpickler, which imports and calls what a client's record names.
     """
-    from ZODB.utils import get_pickle_metadata
     try:
-        module, name = get_pickle_metadata(data)
+        module, name = _class_names(data)
     except Exception:
         return None
     if not module or not name:
         return None
     return module, name
+
+
+#: Opcodes that push a str (or, from Python 2, bytes) as they are.
+_STRINGS = frozenset(('STRING', 'BINSTRING', 'SHORT_BINSTRING', 'UNICODE',
+                      'BINUNICODE', 'SHORT_BINUNICODE'))
+
+
+def _class_names(data):
+    """``(module, name)`` from the class pickle's first opcodes: a GLOBAL
+    (ZODB's layouts, with or without ``__getnewargs__``), or two strings
+    (ZODB 3's ``((module, name), args)``)."""
+    names = []
+    f = io.BytesIO(data)
+    for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+        if count > 8:
+            break
+        name = op.name
+        if name in ('PROTO', 'MARK') or name in _PUTS:
+            continue
+        if name == 'GLOBAL' and not names:
+            module, _, klass = arg.partition(' ')
+            return module, klass
+        if name not in _STRINGS:
+            break
+        names.append(arg.decode() if isinstance(arg, bytes) else arg)
+        if len(names) == 2:
+            return tuple(names)
+    return None, None
 
 
 # --- the quick scan -----------------------------------------------------------
@@ -678,8 +782,9 @@ def _quick_edits(data, replace):
                     k = data.find(b'\n', j + 1)
                     if k < 0:
                         return None
-                    value = (data[i:j].decode('utf-8'),
-                             data[j + 1:k].decode('utf-8'))
+                    value = _spelled(data[i:j], data[j + 1:k])
+                    if value is None:
+                        return None
                     j = k
                 i = j + 1
         if i > end_of_data:
@@ -688,16 +793,14 @@ def _quick_edits(data, replace):
             key = int.from_bytes(value, 'little')
         elif name == 'MEMOIZE':
             key = len(memo)
-        elif name in ('PUT', 'GET', 'LONG_BINGET', 'BINGET'):
-            if name == 'GET':
-                return None
+        elif name in ('PUT', 'GET'):
+            return None                 # text memo ops: the exact parse
+        elif name in _BINARY_GETS:
             key = int.from_bytes(value, 'little')
             ops.append(('GET', start, i, memo.get(key)))
             continue
         else:
             key = None
-            if name == 'PUT':
-                return None
         if key is not None:
             # memo[key] = what the previous op pushed, if we know it
             prev = ops[-1] if ops else None
@@ -760,6 +863,8 @@ def _pid_edit(data, ops, replace):
         return False
     if not klass or klass[0] != 'global' or not oid or oid[0] != 'bytes':
         return False
+    if len(oid[1]) != 8:
+        return None                         # not an oid: user data
     new = replace(oid[1], klass[1])
     if new is None or not isinstance(new, Hint) and tuple(new) == klass[1]:
         return None
@@ -773,12 +878,15 @@ def _pid_edit(data, ops, replace):
 #     oid [PUT] klass [PUT] TUPLE2 [PUT] BINPERSID
 #
 # with the oid ``C\x08`` and its eight bytes, or a GET of them, and the class
-# a GLOBAL or a GET.  One regular expression finds these; the hints to other
-# partitions are rewritten; then ``noload`` of the result must report every
-# class-hinted reference exactly where the matches, moved by the edits, said
-# it would end, with the same oid.  A match inside user data (a bytes value
-# holding a pickle) fails that check, because the edit moves the end of the
-# string that holds it; the record then goes the exact way instead.
+# a GLOBAL or a GET.  The walk of the record's opcodes (``opcodes.walk``)
+# tries one regular expression at each opcode where such a reference may
+# begin, and only there: the same bytes inside user data (a bytes value
+# holding a pickle) do not begin at an opcode and are never matched.  The
+# walk also bounds the record, so ``noload`` of the original may then run:
+# it must report every class-hinted reference exactly where a match ends,
+# with the same oid, or the record goes the exact way instead.  Each edit
+# replaces one whole opcode found by the walk (the class's GLOBAL or GET),
+# so the rewritten record is as well formed as the original.
 
 _PID_RE = re.compile(
     rb'(?:C\x08(.{8})(?:q(.)|r(..)\x00\x00)?|h(.)|j(..)\x00\x00)'
@@ -798,16 +906,23 @@ def _index(short, long):
 
 def _rewrite_zodb_layout(data, prefix):
     """``(record, foreign, hints)``, or ``None`` when ``data`` is not laid
-    out exactly as ZODB lays records out."""
+    out exactly as ZODB lays records out.  Raises
+    :class:`~compositestorage.opcodes.UnsafeRecordError` for a record out
+    of bounds."""
+    try:
+        consumed, matches = walk(data, refs=_PID_RE)
+    except NotAPickle:
+        return None
+    if consumed != len(data):
+        return None
     memo = {}
     meta = _META_RE.match(data)
     if meta is not None:
         memo[0] = _spelled(*meta.groups())
     edits = []
     hints = {}
-    expected = []               # (oid, end in the rewritten record)
-    shift = 0
-    for m in _PID_RE.finditer(data):
+    expected = []               # (oid, where its BINPERSID ends)
+    for m in matches:
         (oid, oid_q, oid_r, oid_h, oid_j, _, module, name,
          k_q, k_r, k_h, k_j) = m.groups()
         if oid is None:
@@ -833,18 +948,14 @@ def _rewrite_zodb_layout(data, prefix):
             span = (m.start(6), m.end(6), None)
         if oid[0] != prefix and not is_stub_hint(klass):
             hints[oid] = klass
-            edit = _hint_edit(data, span, klass)
-            edits.append(edit)
-            shift += len(edit[2]) - (edit[1] - edit[0])
-        expected.append((oid, m.end() + shift))
-    record = _apply(data, edits)
+            edits.append(_hint_edit(data, span, klass))
+        expected.append((oid, m.end()))
     try:
-        pids, consumed = pids_and_ends(record)
+        pids, _ = pids_and_ends(data, walked=True)
     except Exception:
         return None
-    if consumed != len(record):
-        return None
-    found = [(pid[0], end) for pid, end in pids if isinstance(pid, tuple)]
+    found = [(pid[0], end) for pid, end in pids
+             if isinstance(pid, tuple) and pid]
     if found != expected:
         return None
     foreign = set()
@@ -852,7 +963,7 @@ def _rewrite_zodb_layout(data, prefix):
         oid = _ref_oid(ref)
         if oid is not None and oid[0] != prefix:
             foreign.add(oid)
-    return record, foreign, hints
+    return _apply(data, edits), foreign, hints
 
 
 _spellings = {}

@@ -319,7 +319,8 @@ class CompositeStorage(blobs.BlobMethods):
 
     def to_child(self, part, oid, data, state):
         """The record ``part``'s child stores for ``data``; notes stubs."""
-        record, foreign, hints = to_child_record(data, part.prefix)
+        record, foreign, hints = to_child_record(data, part.prefix, oid,
+                                                 part.name)
         if foreign:
             for ref in foreign:
                 if ref[0] not in self._by_prefix:

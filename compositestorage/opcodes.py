@@ -1,0 +1,352 @@
+"""Walking a record's pickle opcodes, with work bounded by the record's size.
+
+Why this exists: the C unpickler behind ``noload`` trusts its input.  A
+``LONG_BINPUT`` of index *n* makes it allocate and clear a memo of *2n*
+slots, so five bytes can ask for gigabytes; a dict key made of tuples nested
+a few hundred thousand deep overflows the C stack when the dict hashes it.
+Both come from a client's record, or from a record that a byte-level edit
+knocked out of alignment.  ZODB's own serializer writes neither: its memo
+indices count up from 0, one per PUT, and its nesting stops at Python's
+recursion limit.  So before the C unpickler sees a record, :func:`walk`
+reads every opcode of its two pickles in order and refuses
+
+* a record that is not two whole pickles of protocol 0 to 3 opcodes
+  (``noload`` knows no others): :class:`NotAPickle`, which callers treat as
+  "holds no reference", as ``noload`` failing always meant;
+* two whole pickles with a memo index beyond what the record could fill
+  (a PUT is at least two bytes) or tuples nested deeper than
+  :data:`MAX_NESTING`: :class:`UnsafeRecordError`, a
+  :class:`CorruptRecordError` that says so.  Bytes that merely look like
+  such an opcode, in a record that is no pickle at all, are stored as they
+  are, like any other bytes that are not a pickle.
+
+The walk also tells where opcodes begin, which is what decides whether a
+byte pattern that looks like a reference is one: a pattern that does not
+begin at an opcode lies inside some other opcode's argument (a ``bytes``
+value, say) and is user data.
+
+Cost: runs of opcodes that need no check are matched by one regular
+expression; Python looks only at counted arguments (strings, bytes, oids),
+``STOP``, memo PUTs with a long index, and the opcodes where a reference
+may begin.  Every step moves forward, so the walk is linear in the record.
+"""
+import pickletools
+import re
+
+from compositestorage.errors import CorruptRecordError
+from compositestorage.errors import oid_hex
+
+#: Tuples nested deeper than this are refused: ZODB's pickler stops near
+#: Python's recursion limit (1000), and hashing a key nested some 100 000
+#: deep crashes the C unpickler.
+MAX_NESTING = 5000
+
+
+class NotAPickle(CorruptRecordError):
+    """The bytes are not two whole pickles that ``noload`` could read."""
+
+
+class UnreadableRecordError(CorruptRecordError):
+    """A pickle with a reference to another partition that the exact parse
+    cannot read, so its class hint cannot be rewritten."""
+
+    def __init__(self, reason, oid=None, partition=None):
+        CorruptRecordError.__init__(self, reason)
+        self.reason = reason
+        self.oid = oid
+        self.partition = partition
+
+    def naming(self, oid, partition):
+        return UnreadableRecordError(self.reason, oid, partition)
+
+    def __str__(self):
+        return ('cannot store oid %s in partition %r: it refers to another '
+                'partition, but its pickle cannot be parsed (%s); nothing '
+                'was stored from it. Check the client that wrote it'
+                % (oid_hex(self.oid) if self.oid is not None else '?',
+                   self.partition, self.reason))
+
+
+class UnsafeRecordError(CorruptRecordError):
+    """A record that would make the unpickler use memory or time out of
+    proportion to its size.  ZODB's serializer never writes one."""
+
+    def __init__(self, reason, offset, size, oid=None, partition=None):
+        CorruptRecordError.__init__(self, reason, offset, size)
+        self.reason = reason
+        self.offset = offset
+        self.size = size
+        self.oid = oid
+        self.partition = partition
+
+    def naming(self, oid, partition):
+        """The same error, naming the record it is about."""
+        return UnsafeRecordError(self.reason, self.offset, self.size,
+                                 oid, partition)
+
+    def __str__(self):
+        where = ''
+        if self.oid is not None:
+            where = ' for oid %s' % oid_hex(self.oid)
+        if self.partition is not None:
+            where += ' in partition %r' % self.partition
+        return ('refused the %d-byte record%s: %s (at byte %d), which '
+                'ZODB never writes and which would make the unpickler use '
+                'memory or time out of proportion to the record; nothing '
+                'was stored from it. Check the client that wrote it'
+                % (self.size, where, self.reason, self.offset))
+
+
+def _layouts():
+    """``{opcode byte: (name, kind, n)}`` for the opcodes ``noload`` knows
+    (protocols 0 to 3): kind is ``None`` (no argument), ``'fixed'`` (n
+    bytes), ``'counted'`` (an n-byte length, then that many bytes) or
+    ``'lines'`` (n newline-terminated lines)."""
+    table = {}
+    for op in pickletools.opcodes:
+        if op.proto > 3:
+            continue
+        arg = op.arg
+        if arg is None:
+            layout = (None, 0)
+        elif arg.n >= 0:
+            layout = ('fixed', arg.n)
+        elif arg.n == pickletools.UP_TO_NEWLINE:
+            layout = ('lines', 2 if arg.name == 'stringnl_noescape_pair'
+                      else 1)
+        elif arg.n == pickletools.TAKEN_FROM_ARGUMENT1:
+            layout = ('counted', 1)
+        else:       # TAKEN_FROM_ARGUMENT4 and 4U: nothing else below 4
+            layout = ('counted', 4)
+        table[ord(op.code)] = (op.name,) + layout
+    return table
+
+
+LAYOUTS = _layouts()
+
+
+#: Counted arguments up to this long are matched by the regular expression.
+_SHORT = 48
+
+
+def _run_pattern(stop_at_refs):
+    """A regular expression for a run of opcodes that need no look from
+    Python: every opcode but STOP, PUT, a LONG_BINPUT beyond memo index
+    255 and a counted one longer than :data:`_SHORT`.  With
+    ``stop_at_refs``, an opcode where a class-hinted reference may begin
+    ends a run too: a SHORT_BINBYTES of eight bytes (an oid), and a BINGET
+    or LONG_BINGET followed by a GLOBAL or a GET."""
+    plain = []
+    alternatives = []
+    for code, (name, kind, n) in LAYOUTS.items():
+        c = re.escape(bytes([code]))
+        if name in ('STOP', 'PUT'):
+            continue
+        if kind is None:
+            plain.append(c)
+        elif name == 'LONG_BINPUT':
+            alternatives.append(c + rb'.\x00\x00\x00')
+        elif kind == 'fixed':
+            tail = rb'(?![chj])' if stop_at_refs and name in (
+                'BINGET', 'LONG_BINGET') else b''
+            alternatives.append(c + b'.{%d}' % n + tail)
+        elif kind == 'counted':
+            lengths = [length for length in range(_SHORT + 1)
+                       if not (stop_at_refs and name == 'SHORT_BINBYTES'
+                               and length == 8)]
+            alternatives.append(c + b'(?:' + b'|'.join(
+                re.escape(length.to_bytes(n, 'little')) + b'.{%d}' % length
+                for length in lengths) + b')')
+        else:
+            alternatives.append(c + rb'[^\n]*+\n' * n)
+    # the commonest first: each alternative is tried in turn
+    alternatives.sort(key=lambda a: a[:1] not in b'XCqhK')
+    alternatives.insert(0, b'[' + b''.join(plain) + b']')
+    return re.compile(b'(?:' + b'|'.join(alternatives) + b')*+', re.DOTALL)
+
+
+_RUN = _run_pattern(False)
+_RUN_TO_GETS = _run_pattern(True)
+_STOP = ord('.')
+_LONG_BINPUT = ord('r')
+_PUT = ord('p')
+_REF_STARTS = frozenset((ord('C'), ord('h'), ord('j')))
+_TUPLE_BYTES = (b't', b'\x85', b'\x86', b'\x87')
+
+
+def walk(data, pickles=2, refs=None):
+    """Check that ``data`` begins with ``pickles`` whole pickles that the C
+    unpickler can read within bounds set by ``len(data)``; return where the
+    last one ends.
+
+    ``refs``, a compiled pattern, is tried at every opcode where a
+    class-hinted reference may begin (a SHORT_BINBYTES, a BINGET or a
+    LONG_BINGET); the list of its matches is returned too, as
+    ``(end, matches)``.  Each match begins at an opcode, and its bytes are
+    walked like any others.
+
+    Raises :class:`NotAPickle` or :class:`UnsafeRecordError`.
+    """
+    size = len(data)
+    memo_limit = max(256, size // 2)
+    run = (_RUN if refs is None else _RUN_TO_GETS).match
+    matches = []
+    unsafe = None           # raised once the bytes prove to be pickles
+    stops = 0
+    pos = 0
+    while True:
+        pos = run(data, pos).end()
+        if pos >= size:
+            raise NotAPickle('pickle data was truncated')
+        code = data[pos]
+        try:
+            name, kind, n = LAYOUTS[code]
+        except KeyError:
+            raise NotAPickle('opcode %r at byte %d is not one noload reads'
+                             % (bytes([code]), pos))
+        if refs is not None and code in _REF_STARTS:
+            found = refs.match(data, pos)
+            if found is not None:
+                matches.append(found)
+        start = pos
+        pos += 1
+        if kind is None:            # only STOP gets here
+            stops += 1
+            if stops == pickles:
+                break
+        elif kind == 'counted':
+            length = int.from_bytes(data[pos:pos + n], 'little')
+            pos += n + length
+        elif kind == 'fixed':
+            if code == _LONG_BINPUT:
+                index = int.from_bytes(data[pos:pos + n], 'little')
+                if index > memo_limit and unsafe is None:
+                    unsafe = UnsafeRecordError(
+                        'LONG_BINPUT of memo index %d' % index, start, size)
+            pos += n
+        else:
+            end = pos
+            for _ in range(n):
+                end = data.find(b'\n', end) + 1
+                if not end:
+                    raise NotAPickle('pickle data was truncated')
+            if code == _PUT and unsafe is None:
+                unsafe = _check_put(data[pos:end - 1], memo_limit, start,
+                                    size)
+            pos = end
+        if pos > size:
+            raise NotAPickle('pickle data was truncated')
+    if unsafe is not None:
+        raise unsafe
+    _check_nesting(data, pos)
+    return pos if refs is None else (pos, matches)
+
+
+def _check_put(digits, memo_limit, offset, size):
+    """The error for a text PUT whose index is beyond ``memo_limit``."""
+    if len(digits) > 20:
+        return UnsafeRecordError('PUT of memo index %r...' % digits[:20],
+                                 offset, size)
+    try:
+        index = int(digits)
+    except ValueError:
+        raise NotAPickle('PUT of %r at byte %d' % (digits, offset))
+    if index < 0:
+        raise NotAPickle('negative PUT at byte %d' % offset)
+    if index > memo_limit:
+        return UnsafeRecordError('PUT of memo index %d' % index, offset, size)
+    return None
+
+
+def _check_nesting(data, end):
+    """Refuse tuples nested deeper than :data:`MAX_NESTING`.  Counting the
+    bytes that could be tuple opcodes settles nearly every record; only
+    one with more of them than the limit gets the exact walk."""
+    if sum(data.count(b, 0, end) for b in _TUPLE_BYTES) <= MAX_NESTING:
+        return
+    deepest, offset = _deepest_tuple(data, end)
+    if deepest > MAX_NESTING:
+        raise UnsafeRecordError(
+            'tuples nested %d deep' % deepest, offset, len(data))
+
+
+def _stack_effects():
+    """``{opcode byte: (pops, pushes, to_mark, marks)}`` from pickletools:
+    items popped, items pushed, whether it pops down to a MARK, whether it
+    pushes one."""
+    mark = pickletools.markobject
+    table = {}
+    for op in pickletools.opcodes:
+        if op.proto > 3:
+            continue
+        before, after = op.stack_before, op.stack_after
+        to_mark = mark in before
+        pops = before.index(mark) if to_mark else len(before)
+        table[ord(op.code)] = (pops, len(after) - (mark in after), to_mark,
+                               mark in after)
+    return table
+
+
+_EFFECTS = _stack_effects()
+_TUPLE_OPS = {ord('t'): 0, 0x85: 1, 0x86: 2, 0x87: 3}
+_MEMO_PUTS = frozenset(map(ord, 'pqr'))
+_MEMO_GETS = frozenset(map(ord, 'ghj'))
+
+
+def _deepest_tuple(data, end):
+    """``(depth, offset)`` of the most deeply nested tuple in the pickles
+    of ``data[:end]``, which :func:`walk` found well formed, by each
+    opcode's effect on the stack (only nesting through tuples counts: a
+    dict hashes its keys, and only a tuple hashes what it holds)."""
+    stack = []          # nesting depth of each item, or None for a MARK
+    memo = {}
+    deepest = (0, 0)
+    pos = 0
+    while pos < end:
+        code = data[pos]
+        start = pos
+        _, kind, n = LAYOUTS[code]
+        pos += 1
+        arg = pos
+        if kind == 'fixed':
+            pos += n
+        elif kind == 'counted':
+            pos += n + int.from_bytes(data[pos:pos + n], 'little')
+        elif kind == 'lines':
+            for _ in range(n):
+                pos = data.index(b'\n', pos) + 1
+        if code in _TUPLE_OPS:
+            count = _TUPLE_OPS[code]
+            depth = 0
+            if count:
+                for _ in range(min(count, len(stack))):
+                    depth = max(depth, stack.pop() or 0)
+            else:
+                while stack and stack[-1] is not None:
+                    depth = max(depth, stack.pop())
+                if stack:
+                    stack.pop()
+            depth += 1
+            stack.append(depth)
+            if depth > deepest[0]:
+                deepest = (depth, start)
+        elif code in _MEMO_PUTS:
+            if stack:
+                memo[data[arg:pos]] = stack[-1]
+        elif code in _MEMO_GETS:
+            stack.append(memo.get(data[arg:pos], 0))
+        elif code == 0x32:                  # DUP
+            stack.append(stack[-1] if stack else 0)
+        else:
+            pops, pushes, to_mark, marks = _EFFECTS[code]
+            if to_mark:
+                while stack and stack[-1] is not None:
+                    stack.pop()
+                if stack:
+                    stack.pop()
+            if pops:
+                del stack[-pops:]
+            if marks:
+                stack.append(None)
+            stack.extend([0] * pushes)
+    return deepest
