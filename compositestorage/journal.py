@@ -168,14 +168,19 @@ class Journal:
             os.close(fd)
 
 
-def open_journal(path, primary):
-    """The journal at ``path``, or beside the primary's FileStorage file;
-    ``None`` when there is neither."""
+def open_journal(path, partitions):
+    """The journal at ``path``, or beside the file of the first FileStorage
+    child in prefix order (the primary's, when it is one); ``None`` when
+    there is neither.  A read-only composite finds the writer's journal by
+    the same rule."""
     if path is None:
-        file_name = getattr(primary.base, '_file_name', None)
-        if not file_name:
+        for part in partitions:
+            file_name = getattr(part.base, '_file_name', None)
+            if file_name:
+                path = file_name + '.journal'
+                break
+        else:
             return None
-        path = file_name + '.journal'
     return Journal(path)
 
 

@@ -110,7 +110,7 @@ class CompositeStorage(blobs.BlobMethods):
         self._opened = True
         #: what each partition lost in this process's last pack
         self.last_pack = None
-        self.journal = open_journal(journal, self.primary)
+        self.journal = open_journal(journal, self.partitions)
         self._writer_lock = None
         try:
             self._become_writer()
@@ -153,9 +153,10 @@ class CompositeStorage(blobs.BlobMethods):
                     % (journal.path, e)) from e
         elif len(self.partitions) > 1:
             logger.warning(
-                '%s: no journal (its primary is not a FileStorage and no '
-                'journal path is configured), so a transaction over several '
-                'partitions is not crash-safe', self.__name__)
+                '%s: no journal (no partition is a FileStorage and '
+                'no journal path is configured), so a transaction over '
+                'several partitions is not crash-safe, and no lock keeps a '
+                'second process from writing', self.__name__)
         self._guard_children()
 
     def _recover(self, seen=None):

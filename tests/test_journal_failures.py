@@ -284,3 +284,44 @@ def test_no_file_descriptor_left_is_an_error_at_open(tmp_path):
     out = done.stdout
     assert out.startswith('refused:'), out + done.stderr
     assert 'Too many open files' in out and 'ulimit -n' in out
+
+
+# --- one writer guard for every writable composite -------------------------------
+
+def test_a_child_another_writable_composite_uses_is_refused():
+    """Two writable composites of one process over the same MappingStorage
+    (no file, no journal): the second is refused until the first closes."""
+    from ZODB.MappingStorage import MappingStorage
+    from compositestorage.errors import WriterLockedError
+    main, b = MappingStorage('main'), MappingStorage('b')
+    first = CompositeStorage([('main', 0, main), ('b', 1, b)])
+    assert first.journal is None
+    with pytest.raises(WriterLockedError) as exc:
+        CompositeStorage([('main', 0, MappingStorage('other')),
+                          ('b', 1, b)])
+    assert "partition 'b'" in str(exc.value)
+    assert 'read-only' in str(exc.value)
+    # read-only beside it is fine
+    reader = CompositeStorage([('main', 0, main), ('b', 1, b)],
+                              read_only=True)
+    assert reader.isReadOnly()
+    first.close()
+
+
+def test_the_journal_goes_beside_the_first_file_child(tmp_path):
+    """A primary that is not a file: the journal and the writer lock go
+    beside the first FileStorage child, so a second writer process is
+    refused by the composite's own lock too."""
+    from ZODB.MappingStorage import MappingStorage
+    from compositestorage.errors import WriterLockedError
+    b = FileStorage(str(tmp_path / 'b.fs'))
+    storage = CompositeStorage([('main', 0, MappingStorage()), ('b', 1, b)])
+    try:
+        assert storage.journal.path == str(tmp_path / 'b.fs.journal')
+        assert os.path.exists(str(tmp_path / 'b.fs.journal.lock'))
+        with pytest.raises(WriterLockedError):
+            CompositeStorage([('main', 0, MappingStorage()),
+                              ('c', 1, MappingStorage())],
+                             journal=str(tmp_path / 'b.fs.journal'))
+    finally:
+        storage.close()
