@@ -87,11 +87,16 @@ def pack(storage, t, gc=True, progress=None):
     writable = [part for part in storage.partitions if not part.read_only]
     before = {part: _sizes(part) for part in writable}
     if not gc:
+        if storage.journal is not None:
+            storage.journal.note_pack(pack_tid(t))
         for part in writable:
             part.storage.pack(t, referencesf, gc=False)
         return _removed(storage, before)
     with storage._coordinator.packing():
         keep = mark(storage, pack_tid(t), progress)
+        if storage.journal is not None:
+            # the sweep may drop a child's part of a transaction before t
+            storage.journal.note_pack(pack_tid(t))
         shown = progress('pack: sweep', len(writable), 'partitions')
         try:
             with interrupts_held_back(

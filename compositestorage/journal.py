@@ -22,6 +22,7 @@ import time
 import zlib
 
 import zc.lockfile
+from ZODB.utils import z64
 
 from compositestorage.errors import CompositeStorageError
 from compositestorage.errors import JournalError
@@ -33,6 +34,11 @@ _HEAD = struct.Struct('>4s8sB')
 #: finished everywhere is kept (written when the intent is cleared).
 FINISHED_AT = 256
 FINISHED_MAGIC = b'CSJF'
+#: Where the pack time of the last pack is kept (synced before its sweep):
+#: a pack may drop a child's part of a transaction before it, so checks of
+#: spans stop there.
+PACKED_AT = 384
+PACKED_MAGIC = b'CSJP'
 
 
 class Intent:
@@ -137,6 +143,33 @@ class Journal:
             record = FINISHED_MAGIC + finished
             os.pwrite(fd, record + struct.pack('>I', zlib.crc32(record)),
                       FINISHED_AT)
+
+    def note_pack(self, tid):
+        """Make ``tid``, a pack's time, durable before the pack sweeps any
+        child; it only ever moves forward."""
+        if tid <= self.packed_to():
+            return
+        fd = self.open()
+        record = PACKED_MAGIC + tid
+        os.pwrite(fd, record + struct.pack('>I', zlib.crc32(record)),
+                  PACKED_AT)
+        os.fdatasync(fd)
+
+    def packed_to(self):
+        """The time of the last pack noted, as a tid (``z64``: none)."""
+        try:
+            with open(self.path, 'rb') as f:
+                f.seek(PACKED_AT)
+                record = f.read(len(PACKED_MAGIC) + 12)
+        except FileNotFoundError:
+            return z64
+        if len(record) < len(PACKED_MAGIC) + 12 or \
+                not record.startswith(PACKED_MAGIC):
+            return z64
+        (crc,) = struct.unpack('>I', record[-4:])
+        if crc != zlib.crc32(record[:-4]):
+            return z64
+        return record[len(PACKED_MAGIC):-4]
 
     def snapshot(self):
         """The journal's bytes: a reader compares two snapshots to learn

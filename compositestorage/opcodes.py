@@ -97,14 +97,18 @@ class UnsafeRecordError(CorruptRecordError):
                 % (self.size, where, self.reason, self.offset))
 
 
-def _layouts():
-    """``{opcode byte: (name, kind, n)}`` for the opcodes ``noload`` knows
-    (protocols 0 to 3): kind is ``None`` (no argument), ``'fixed'`` (n
-    bytes), ``'counted'`` (an n-byte length, then that many bytes) or
-    ``'lines'`` (n newline-terminated lines)."""
+def layouts(max_proto=3):
+    """``{opcode byte: (name, kind, n)}`` for the opcodes of protocols up
+    to ``max_proto`` (``noload`` knows 0 to 3): kind is ``None`` (no
+    argument), ``'fixed'`` (n bytes), ``'counted'`` (an n-byte length, then
+    that many bytes) or ``'lines'`` (n newline-terminated lines)."""
+    counted = {pickletools.TAKEN_FROM_ARGUMENT1: 1,
+               pickletools.TAKEN_FROM_ARGUMENT4: 4,
+               pickletools.TAKEN_FROM_ARGUMENT4U: 4,
+               pickletools.TAKEN_FROM_ARGUMENT8U: 8}
     table = {}
     for op in pickletools.opcodes:
-        if op.proto > 3:
+        if op.proto > max_proto:
             continue
         arg = op.arg
         if arg is None:
@@ -114,15 +118,15 @@ def _layouts():
         elif arg.n == pickletools.UP_TO_NEWLINE:
             layout = ('lines', 2 if arg.name == 'stringnl_noescape_pair'
                       else 1)
-        elif arg.n == pickletools.TAKEN_FROM_ARGUMENT1:
-            layout = ('counted', 1)
-        else:       # TAKEN_FROM_ARGUMENT4 and 4U: nothing else below 4
-            layout = ('counted', 4)
+        elif arg.n in counted:
+            layout = ('counted', counted[arg.n])
+        else:  # pragma: no cover - no such opcode today
+            continue
         table[ord(op.code)] = (op.name,) + layout
     return table
 
 
-LAYOUTS = _layouts()
+LAYOUTS = layouts()
 
 
 #: Counted arguments up to this long are matched by the regular expression.

@@ -238,9 +238,14 @@ def record_participants(part, metadata, prefixes):
         child._ude = (user, description, extension)
 
 
-def partial_transactions(partitions, depth=CHECK_DEPTH):
+def partial_transactions(partitions, depth=CHECK_DEPTH, packed_to=z64):
     """The :class:`Partial` transactions among each child's last ``depth``
     ones, oldest first.  ``partitions`` maps prefix to partition.
+
+    A pack may drop a child's part of a transaction at or before its pack
+    time (``packed_to``, which the journal keeps) when that part was
+    garbage, so only later transactions are checked; those a pack kept
+    are marked packed in a FileStorage and are left out too.
 
     A child that lost its tail (a damaged file, cut by FileStorage when it
     opens) lacks transactions whose tids are above its last one; the other
@@ -252,7 +257,7 @@ def partial_transactions(partitions, depth=CHECK_DEPTH):
             for prefix, part in partitions.items()}
     if not last:
         return []
-    floor = min(last.values())
+    floor = max(min(last.values()), packed_to)
     found = {}
     for part in partitions.values():
         for tid, prefixes in recent_transactions(part, floor, depth):
@@ -274,7 +279,8 @@ def partial_transactions(partitions, depth=CHECK_DEPTH):
     return result
 
 
-def remove_partial(partitions, depth=CHECK_DEPTH, dry_run=False):
+def remove_partial(partitions, depth=CHECK_DEPTH, dry_run=False,
+                   packed_to=z64):
     """Take back every transaction that some of its partitions lost.
 
     As FileStorage loses a damaged last transaction whole, the composite
@@ -282,7 +288,7 @@ def remove_partial(partitions, depth=CHECK_DEPTH, dry_run=False):
     newest first, where it is their last one; otherwise it refuses
     (:func:`_check_last`).  Returns the :class:`Partial` transactions.
     """
-    partial = partial_transactions(partitions, depth)
+    partial = partial_transactions(partitions, depth, packed_to)
     for entry in reversed(partial):
         _check_last(entry.holders, entry.tid, entry.lacking, dry_run)
         if dry_run:
@@ -298,8 +304,9 @@ def remove_partial(partitions, depth=CHECK_DEPTH, dry_run=False):
 
 def recent_transactions(part, floor, depth):
     """``(tid, participant prefixes)`` of ``part``'s child's transactions
-    above ``floor``, newest first, at most ``depth`` of them.  Children
-    that keep no transaction metadata give none."""
+    above ``floor``, newest first, at most ``depth`` of them.  A
+    transaction a pack rewrote names none.  Children that keep no
+    transaction metadata give none."""
     child = part.base
     if isinstance(child, FileStorage):
         return _recent_file_transactions(child, floor, depth)
@@ -317,7 +324,9 @@ def _recent_file_transactions(fs, floor, depth):
             f.seek(start)
             header = TxnHeaderFromString(f.read(TRANS_HDR_LEN))
             f.seek(start + TRANS_HDR_LEN + header.ulen + header.dlen)
-            result.append((tid, participants_in(f.read(header.elen))))
+            extension = f.read(header.elen)
+            result.append((tid, () if header.status == 'p'
+                           else participants_in(extension)))
             pos = start
     return result
 

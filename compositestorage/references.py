@@ -54,6 +54,7 @@ from compositestorage.opcodes import NotAPickle
 from compositestorage.opcodes import UnreadableRecordError
 from compositestorage.opcodes import UnsafeRecordError
 from compositestorage.opcodes import walk
+from compositestorage.opcodes import layouts
 
 #: The global that names the stub class, as it appears in a GLOBAL opcode.
 STUB_MODULE = 'compositestorage.stubs'
@@ -712,27 +713,8 @@ def _class_names(data):
 
 def _arg_readers():
     """For each opcode byte: (name, how its argument is laid out)."""
-    table = {}
-    for op in pickletools.opcodes:
-        arg = op.arg
-        if arg is None:
-            kind = 0
-        elif arg.n >= 0:
-            kind = ('fixed', arg.n)
-        elif arg.n == pickletools.UP_TO_NEWLINE:
-            kind = ('lines', 2 if arg.name == 'stringnl_noescape_pair'
-                    else 1)
-        elif arg.n == pickletools.TAKEN_FROM_ARGUMENT1:
-            kind = ('counted', 1)
-        elif arg.n in (pickletools.TAKEN_FROM_ARGUMENT4,
-                       pickletools.TAKEN_FROM_ARGUMENT4U):
-            kind = ('counted', 4)
-        elif arg.n == pickletools.TAKEN_FROM_ARGUMENT8U:
-            kind = ('counted', 8)
-        else:  # pragma: no cover - no such opcode today
-            continue
-        table[ord(op.code)] = (op.name, kind)
-    return table
+    return {code: (name, (kind, n) if kind else 0)
+            for code, (name, kind, n) in layouts(max_proto=5).items()}
 
 
 _READERS = _arg_readers()

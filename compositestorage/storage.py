@@ -180,12 +180,14 @@ class CompositeStorage(blobs.BlobMethods):
             if journal is not None:
                 intent = journal.read() if seen is None else decode(seen)
                 hide = self._unfinished(intent)
-            for entry in partial_transactions(self._by_prefix):
+            for entry in partial_transactions(self._by_prefix,
+                                              packed_to=self.packed_to()):
                 hide = entry.tid if hide is None else min(hide, entry.tid)
         else:
             if journal is not None:
                 self.recovered = recover(self._by_prefix, journal)
-            self.partial = remove_partial(self._by_prefix)
+            self.partial = remove_partial(self._by_prefix,
+                                          packed_to=self.packed_to())
         last = z64
         for p in self.partitions:
             tid = (last_finished(p) if self._read_only
@@ -198,6 +200,11 @@ class CompositeStorage(blobs.BlobMethods):
         self.advance_visible(self._ltid)
         return bool(self.partial) or (
             self.recovered is not None and bool(self.recovered.rolled_back))
+
+    def packed_to(self):
+        """The time of the last pack, as a tid: checks of the partitions a
+        transaction spans stop there (see ``partial_transactions``)."""
+        return self.journal.packed_to() if self.journal is not None else z64
 
     def _unfinished(self, intent):
         """``intent``'s tid, unless every partition it names holds it."""

@@ -216,13 +216,14 @@ def verify(storage, progress=None):
     finally:
         shown.close()
     problems.extend(_check_maps(storage, unwritten))
-    problems.extend(check_spans(partitions))
+    problems.extend(check_spans(partitions, storage.packed_to()))
     return problems, counts
 
 
-def check_spans(partitions):
+def check_spans(partitions, packed_to=z64):
     """A ``partial-transaction`` problem for each partition that lacks a
-    transaction which another child records as spanning it."""
+    transaction which another child records as spanning it, after the
+    last pack's time (a pack may drop a part that was garbage)."""
     by_prefix = {p.prefix: p for p in partitions}
     held = {}       # prefix -> QQTreeSet of the tids its child holds
     spans = {}      # tid -> prefixes, for transactions over several
@@ -232,7 +233,7 @@ def check_spans(partitions):
         held[part.prefix] = tids = QQTreeSet()
         for tid, prefixes in recent_transactions(part, z64, float('inf')):
             tids.add(u64(tid))
-            if len(prefixes) > 1:
+            if len(prefixes) > 1 and tid > packed_to:
                 spans[tid] = prefixes
     problems = []
     for tid in sorted(spans):

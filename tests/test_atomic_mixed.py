@@ -470,3 +470,44 @@ def test_recovery_never_cuts_a_read_only_partition(seeded):
     assert open(str(seeded / 'main.fs'), 'rb').read() == before
     # opened writable, recovery takes it back
     assert check_mixed(seeded, []).action == 'rolled back'
+
+
+def test_a_pack_that_drops_a_partition_s_part_is_no_damage(tmp_path,
+                                                           capsys):
+    """A transaction over main and b whose part in b became garbage: the
+    pack drops it from b and keeps it in main.  That is not a lost tail:
+    the journal keeps the pack time, and checks of spans stop there."""
+    from compositestorage.cli import main as cli_main
+    from conftest import config_file
+    from persistent.mapping import PersistentMapping
+    from compositestorage import placement
+    storage = open_composite(str(tmp_path))
+    db = ZODB.DB(storage)
+    conn = db.open()
+    root = conn.root()
+    root['x'] = PersistentMapping()
+    transaction.commit()
+    with placement(conn, 'b'):
+        root['x']['y'] = y = PersistentMapping(v=1)
+        conn.add(y)
+    root['x']['keep'] = PersistentMapping()     # stays, in main
+    transaction.commit()
+    spanning = storage.lastTransaction()
+    assert y._p_oid[0] == 1
+    del root['x']['y']
+    transaction.commit()
+    time.sleep(0.01)
+    storage.pack(time.time(), None)
+    db.close()
+    tids = _tids(tmp_path)
+    assert spanning in tids['main'] and spanning not in tids['b']
+    again = open_composite(str(tmp_path))
+    try:
+        assert again.partial == []
+        assert again.packed_to() > spanning
+    finally:
+        again.close()
+    config = config_file(tmp_path, {name: str(tmp_path / (name + '.fs'))
+                                    for name in NAMES}, parts=PARTS)
+    assert cli_main(['verify', '--quiet', str(config)]) == 0, \
+        capsys.readouterr().out
