@@ -172,7 +172,7 @@ def open_journal(path, primary):
     """The journal at ``path``, or beside the primary's FileStorage file;
     ``None`` when there is neither."""
     if path is None:
-        file_name = getattr(primary.base, '_file_name', None)
+        file_name = primary.child.file_name
         if not file_name:
             return None
         path = file_name + '.journal'
