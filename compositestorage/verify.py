@@ -104,10 +104,14 @@ class Problem:
         return text
 
 
-def current_records(storage, skips_deleted=False):
+def current_records(storage, skips_deleted=None):
     """Yield ``(oid, tid, data)`` of every current record of ``storage``
     (a child), stepping over deleted objects (where ``skips_deleted``, the
-    child's ``record_iternext`` raises for one: see its adapter)."""
+    child's ``record_iternext`` raises for one; by default its adapter
+    says)."""
+    if skips_deleted is None:
+        from compositestorage.children import adapter_for
+        skips_deleted = adapter_for(storage).skips_deleted
     token = None
     while True:
         try:
