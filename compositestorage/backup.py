@@ -38,9 +38,9 @@ from ZODB.utils import z64
 
 from compositestorage.errors import CompositeStorageError
 from compositestorage.interrupts import interrupts_held_back
-from compositestorage.recovery import cut_filestorage
-from compositestorage.recovery import last_tid_before
-from compositestorage.recovery import transactions_after
+from compositestorage.children.filestorage import cut_filestorage
+from compositestorage.children.filestorage import last_tid_before
+from compositestorage.children.filestorage import transactions_after
 
 #: The file in a repository that records the tid of a composite backup.
 MANIFEST = 'composite-backup.json'
@@ -97,7 +97,7 @@ def cut_back(target, tid, blob_dir=None):
     tid the file has not reached changes nothing.
 
     This is the code that rolls back an unfinished transaction on recovery
-    (:func:`compositestorage.recovery.cut_filestorage`).
+    (:func:`compositestorage.children.filestorage.cut_filestorage`).
     """
     tid = as_tid(tid)
     if isinstance(target, FileStorage):
@@ -440,10 +440,10 @@ def backup(target, repository, full=False, between=None, database=None):
         # what a read-only composite shows: the last transaction finished
         # in every child, kept below one the journal says is finishing
         visible = storage.lastTransaction()
-        opened = {p.name: os.fstat(p.base._file.fileno())
+        opened = {p.name: p.child.opened_file_stat()
                   for p in storage.partitions}
         for part in storage.partitions:
-            path = os.path.abspath(part.base._file_name)
+            path = os.path.abspath(part.child.file_name)
             directory = os.path.join(repository, part.name)
             os.makedirs(directory, exist_ok=True)
             _wait_for_a_new_second(directory)

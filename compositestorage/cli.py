@@ -12,12 +12,10 @@ Errors are reported as one line on stderr, ``compositestorage: error:
 does); ``--traceback`` shows the full traceback instead.
 """
 import argparse
-import contextlib
 import datetime
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import tempfile

@@ -194,11 +194,7 @@ class Coordinator:
             txn = state.metadata
             if internal:
                 txn = internal_metadata(txn)
-            if state.status == ' ':
-                # MappingStorage and others take no status
-                part.storage.tpc_begin(txn, state.tid)
-            else:
-                part.storage.tpc_begin(txn, state.tid, state.status)
+            part.child.tpc_begin(txn, state.tid, state.status)
             state.begun[part.prefix] = part
             state.child_txn[part.prefix] = txn
         return state.child_txn[part.prefix]

@@ -13,8 +13,13 @@ partition map.  Then each child packs with that verdict:
   its reachable set instead of walking the child again (the walk would
   find the same records and cost as much as the mark).  It removes the
   rest, unreferenced stubs included, and the blobs that go with them;
+* a RelStorage child has the rows of every object the verdict does not
+  keep deleted, then packs without GC (RelStorage's own GC is switched
+  off when the composite opens it);
 * any other child packs with ``gc=False``: old revisions go, but garbage
   stays until that child type learns to take roots (documented).
+
+Each kind's way is in its adapter (:mod:`compositestorage.children`).
 
 Memory stays bounded: the verdicts are BTrees' ``QQTreeSet`` objects
 (unsigned 64-bit integers in compact buckets, under 20 bytes an oid),
@@ -39,19 +44,13 @@ was.  Once the sweep has begun, the partitions must all be swept, or the
 garbage of one would refer to the collected garbage of another: an
 interrupt there is held back until the last child is packed, then raised.
 """
-import inspect
 import itertools
 import logging
 import time
 
 from persistent.TimeStamp import TimeStamp
-from ZODB.FileStorage import FileStorage
-from ZODB.FileStorage import fspack
-from ZODB.MappingStorage import MappingStorage
 from BTrees.QQBTree import QQTreeSet
-from ZODB.POSException import POSKeyError
 from ZODB.POSException import StorageError
-from ZODB.serialize import referencesf
 from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
@@ -90,7 +89,7 @@ def pack(storage, t, gc=True, progress=None):
         if storage.journal is not None:
             storage.journal.note_pack(pack_tid(t))
         for part in writable:
-            part.storage.pack(t, referencesf, gc=False)
+            part.child.pack_without_gc(t)
         return _removed(storage, before)
     with storage._coordinator.packing():
         keep = mark(storage, pack_tid(t), progress)
@@ -117,7 +116,7 @@ def pack(storage, t, gc=True, progress=None):
 def _sizes(part):
     """Counts that cost an index walk at most; other children's counts
     would mean reading every record, so they are not taken (``None``)."""
-    cheap = isinstance(part.base, (FileStorage, MappingStorage))
+    cheap = part.child.counts_cheaply
     return {'objects': part.count_own() if cheap else None,
             'stubs': part.count_stubs() if cheap else None,
             'bytes': part.storage.getSize()}
@@ -157,64 +156,6 @@ def _references(part, oid, data):
             '(%s: %s); nothing was packed.  Run "compositestorage verify" '
             'and repair or remove that record first'
             % (oid_hex(oid), part.name, type(e).__name__, e)) from e
-
-
-class _LoadingReader:
-    """``reader(oid)``: the data of ``oid``'s revision before ``limit`` in
-    ``part``'s child, or ``None`` (no such revision, or a deletion)."""
-
-    def __init__(self, part, limit):
-        self._load_before = part.storage.loadBefore
-        self._limit = limit
-
-    def __call__(self, oid):
-        try:
-            found = self._load_before(oid, self._limit)
-        except POSKeyError:
-            return None
-        return found[0] if found else None
-
-    def close(self):
-        pass
-
-
-class _FileReader(_LoadingReader):
-    """The same for a FileStorage child, read as its ``loadBefore`` reads,
-    with its own index and record readers, from a file of the mark's own:
-    the mark reads every reachable object once, and ``loadBefore``'s file
-    pool, context managers and tuple cost a third of the mark."""
-
-    def __init__(self, part, limit):
-        self._base = part.base
-        self._file = open(self._base._file_name, 'rb')
-        self._limit = limit
-
-    def __call__(self, oid):
-        base = self._base
-        f = self._file
-        pos = base._index.get(oid)
-        while pos:
-            h = base._read_data_header(pos, oid, f)
-            if h.tid < self._limit:
-                if h.plen:
-                    return f.read(h.plen)
-                if h.back:
-                    try:
-                        return base._loadBack_impl(oid, h.back, _file=f)[0]
-                    except POSKeyError:
-                        return None     # an undone creation
-                return None             # deleted
-            pos = h.prev
-        return None
-
-    def close(self):
-        self._file.close()
-
-
-def _reader(part, limit):
-    if isinstance(part.base, FileStorage):
-        return _FileReader(part, limit)
-    return _LoadingReader(part, limit)
 
 
 def mark(storage, stop, progress=None):
@@ -268,7 +209,7 @@ def mark(storage, stop, progress=None):
     readers = {}
     try:
         for part in storage.partitions:
-            readers[part] = _reader(part, limit)
+            readers[part] = part.child.reader(limit)
         while True:
             if not todo:
                 todo.extend(itertools.islice(roots, 1000))
@@ -318,79 +259,9 @@ def mark(storage, stop, progress=None):
     return keep
 
 
-class _MarkedGC(fspack.GC):
-    """FileStorage's GC, taking the composite's mark as its reachable set.
-
-    Its first walk (from the root, at the pack time) is replaced by the
-    verdict; later walks, from revisions that records after the pack time
-    point back to, run as FileStorage runs them.
-    """
-
-    verdict = None
-
-    def findReachableAtPacktime(self, roots):
-        verdict, self.verdict = self.verdict, None
-        if verdict is None:
-            return fspack.GC.findReachableAtPacktime(self, roots)
-        reachable = self.reachable
-        current = self.oid2curpos
-        for key in verdict:
-            oid = key.to_bytes(8, 'big')
-            pos = current.get(oid)
-            if pos is not None:
-                reachable[oid] = pos
-
-
-def _marked_packer(verdict):
-    def packer(storage, referencesf, stop, gc):
-        p = fspack.FileStoragePacker(storage, referencesf, stop, gc)
-        try:
-            p.gc.__class__ = _MarkedGC
-            p.gc.verdict = verdict
-            opos = p.pack()
-            if opos is None:
-                return None
-            return opos, p.index
-        finally:
-            p.close()
-    return packer
-
-
-def _takes_gc(pack):
-    try:
-        return 'gc' in inspect.signature(pack).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def sweep(part, t, verdict):
-    child = part.storage
-    base = part.base
-    if isinstance(base, FileStorage):
-        missing = object()
-        previous = base.__dict__.get('packer', missing)
-        base.packer = _marked_packer(verdict)
-        try:
-            if base is child:
-                child.pack(t, referencesf, gc=True)
-            else:
-                # ZODB's BlobStorage proxy packs its blobs too, and lets
-                # the FileStorage's own pack-gc setting decide on GC.
-                child.pack(t, referencesf)
-        finally:
-            if previous is missing:
-                del base.packer
-            else:
-                base.packer = previous
-    elif _takes_gc(child.pack):
-        logger.info('pack: partition %r (%s) packs without GC; its garbage '
-                    'stays', part.name, type(child).__name__)
-        child.pack(t, referencesf, gc=False)
-    else:
-        # ZEO's ClientStorage and RelStorage cannot be told not to collect
-        # garbage, and a child that does loses objects other partitions
-        # refer to (DESIGN.md, invariant 7): leave it alone.
-        logger.warning(
-            'pack: partition %r (%s) was not packed: its pack cannot be told '
-            'not to collect garbage on its own.  Pack it where it is served, '
-            'with pack-gc false there', part.name, type(child).__name__)
+    """Pack ``part``'s child to ``t``, keeping of what precedes ``t`` only
+    what ``verdict`` names: the child's adapter knows how (FileStorage's
+    packer given the verdict, RelStorage's rows deleted then a pack without
+    GC; a child that cannot be told packs without GC, or not at all)."""
+    part.child.sweep(t, verdict, part.name)

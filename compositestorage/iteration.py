@@ -12,7 +12,6 @@ from ZODB._compat import dumps
 from ZODB.BaseStorage import DataRecord
 from ZODB.BaseStorage import TransactionRecord
 from ZODB.BaseStorage import copy as base_copy
-from ZODB.FileStorage import FileStorage
 from ZODB.interfaces import IBlobStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
@@ -144,7 +143,7 @@ def _find_own(storage, index, token):
     while index < len(parts):
         part = parts[index]
         child = part.storage
-        ordered = isinstance(child, FileStorage)
+        ordered = part.child.iterates_by_oid
         if token is None and ordered:
             token = bytes((part.prefix,)) + b'\0' * 7
         while True:

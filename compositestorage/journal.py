@@ -208,7 +208,7 @@ def open_journal(path, partitions):
     the same rule."""
     if path is None:
         for part in partitions:
-            file_name = getattr(part.base, '_file_name', None)
+            file_name = part.child.file_name
             if file_name:
                 path = file_name + '.journal'
                 break

@@ -10,14 +10,10 @@ top oid of its prefix range.  It says which partition of which composite the
 child belongs to, so a renamed, renumbered or doubly used child is refused.
 """
 import io
-import os
 import threading
 import uuid
 
 import persistent
-from ZODB.FileStorage import FileIterator
-from ZODB.FileStorage import FileStorage
-from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import ReadConflictError
 from ZODB.utils import p64
@@ -25,6 +21,8 @@ from ZODB.utils import u64
 from ZODB.utils import z64
 from zodbpickle.pickle import Pickler
 
+from compositestorage.children import adapter_for
+from compositestorage.children import base_storage  # noqa: F401 (API)
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import CorruptRecordError
 from compositestorage.errors import ForeignRecordError
@@ -39,11 +37,6 @@ from compositestorage.stubs import stub_record
 
 MAX_PREFIX = 0x7f
 MAP_SUFFIX = b'\xff' * 7
-
-
-def base_storage(storage):
-    """The storage under ZODB's ``BlobStorage`` proxy, or ``storage``."""
-    return getattr(storage, '_BlobStorage__storage', storage)
 
 
 def map_oid(prefix):
@@ -149,9 +142,12 @@ class Partition:
         self.name = name
         self.prefix = prefix
         self.storage = storage
+        #: what the composite needs of the child beyond the storage API
+        self.child = adapter_for(storage)
         #: the child itself, or the FileStorage under a BlobStorage proxy
-        self.base = base_storage(storage)
+        self.base = self.child.base
         self.read_only = bool(read_only or storage.isReadOnly())
+        self.child.prepare(self.read_only)
         self.map_oid = map_oid(prefix)
         self._base = prefix << 56
         self._limit = u64(self.map_oid)
@@ -197,76 +193,34 @@ class Partition:
                     self._next = n + 1
                     self._allocated = oid
 
+    def _own_range(self):
+        """The first and last oid of this partition's own range."""
+        return (bytes((self.prefix,)) + b'\0' * 7,
+                bytes((self.prefix,)) + b'\xff' * 7)
+
     def max_own_oid(self):
         """The highest oid of this partition's own objects, or ``None``."""
-        child = self.base
-        below = p64(self._limit - 1)
-        if isinstance(child, FileStorage):
-            try:
-                oid = child._index.maxKey(below)
-            except ValueError:
-                return None
-            return oid if oid[0] == self.prefix else None
-        best = None
-        for oid in self.own_oids():
-            if best is None or oid > best:
-                best = oid
-        return best
+        try:
+            return self.child.max_oid(self._own_range()[0],
+                                      p64(self._limit - 1))
+        except ConfigurationError as e:
+            raise ConfigurationError('partition %r: %s' % (self.name, e))
 
     def own_oids(self):
         """The oids of this partition's own current records (not the map),
         an iterable; for a FileStorage one that reads its index lazily."""
-        child = self.base
-        if isinstance(child, FileStorage):
-            # fsIndex keeps a bucket of 2-byte suffixes per 6-byte prefix
-            lo = bytes((self.prefix,)) + b'\0' * 5
-            hi = bytes((self.prefix,)) + b'\xff' * 5
-            return (head + tail
-                    for head, bucket in child._index._data.items(lo, hi)
-                    for tail in bucket.keys()
-                    if head + tail != self.map_oid)
-        if isinstance(child, MappingStorage):
-            oids = list(child._data)
-        elif hasattr(child, 'record_iternext'):
-            oids = []
-            token = None
-            while True:
-                try:
-                    oid, _, _, token = child.record_iternext(token)
-                except (ValueError, KeyError):
-                    break
-                oids.append(oid)
-                if token is None:
-                    break
-        elif hasattr(child, 'iterator'):
-            oids = set()
-            it = child.iterator()
-            try:
-                for txn in it:
-                    oids.update(r.oid for r in txn)
-            finally:
-                getattr(it, 'close', lambda: None)()
-        else:
-            raise ConfigurationError(
-                'partition %r: its %s can neither list its current records '
-                '(record_iternext) nor iterate its transactions, so the '
-                'composite cannot tell which oids it has used; use another '
-                'storage type for this partition'
-                % (self.name, type(child).__name__))
-        return [oid for oid in oids
-                if oid[0] == self.prefix and oid != self.map_oid]
+        try:
+            oids = self.child.oids_in(*self._own_range())
+        except ConfigurationError as e:
+            raise ConfigurationError('partition %r: %s' % (self.name, e))
+        return (oid for oid in oids if oid != self.map_oid)
 
     def prefixes_held(self):
         """The first bytes of every oid this child holds, where cheap.
 
         ``None`` for child types whose oids cannot be listed cheaply.
         """
-        child = self.base
-        if isinstance(child, FileStorage):
-            return {key[0] for key in child._index._data.keys()}
-        if isinstance(child, MappingStorage):
-            return {oid[0] for oid in child._data}
-        return None
+        return self.child.prefixes_held()
 
     def count_stubs(self):
         """How many stubs this child holds: its records at foreign oids.
@@ -274,15 +228,7 @@ class Partition:
         The root stub at ``z64`` of a secondary counts too.  ``None`` for
         children whose oids cannot be listed cheaply.
         """
-        child = self.base
-        if isinstance(child, FileStorage):
-            # fsIndex keeps a bucket per 6-byte oid prefix: count by bucket
-            return sum(len(bucket)
-                       for key, bucket in child._index._data.items()
-                       if key[0] != self.prefix)
-        if isinstance(child, MappingStorage):
-            return sum(1 for oid in child._data if oid[0] != self.prefix)
-        return None
+        return self.child.count_outside(*self._own_range())
 
     def describe_records(self):
         """What a child without a map holds, in words, or ``None`` if empty.
@@ -310,24 +256,15 @@ class Partition:
         return held
 
     def first_oid_with_prefix(self, prefix):
-        child = self.base
-        start = bytes((prefix,)) + b'\0' * 7
-        if isinstance(child, FileStorage):
-            return child._index.minKey(start)
-        return min(oid for oid in child._data if oid[0] == prefix)
+        return self.child.min_oid(bytes((prefix,)) + b'\0' * 7,
+                                  bytes((prefix,)) + b'\xff' * 7)
 
     def count_own(self):
         """The number of this partition's own objects (no internal ones)."""
-        child = self.base
-        if isinstance(child, FileStorage):
-            index = child._index
-            lo = bytes((self.prefix,)) + b'\0' * 5
-            hi = bytes((self.prefix,)) + b'\xff' * 5
-            n = sum(len(tree) for tree in index._data.values(lo, hi))
-            if self.map_oid in index:
-                n -= 1
-            return n
-        return sum(1 for _ in self.own_oids())
+        n = self.child.count_in(*self._own_range())
+        if n and self.child.current_serial(self.map_oid) is not None:
+            n -= 1
+        return n
 
     # --- the partition map ------------------------------------------------
 
@@ -370,20 +307,7 @@ class Partition:
 
         A store over a deleted record must name that record's tid.
         """
-        base = self.base
-        if isinstance(base, FileStorage):
-            # One index lookup, deleted records included, no exceptions.
-            with base._lock:
-                pos = base._index.get(oid)
-                return base._read_data_header(pos, oid).tid if pos else None
-        try:
-            return self.storage.load(oid)[1]
-        except POSKeyError:
-            pass
-        try:
-            return self.storage.getTid(oid)
-        except (POSKeyError, KeyError):
-            return None
+        return self.child.current_serial(oid)
 
     def check_current_serial(self, oid, serial):
         """``checkCurrentSerialInTransaction`` for a read-only partition.
@@ -423,34 +347,9 @@ class Partition:
 
     def serial_written_elsewhere(self, oid):
         """The tid of ``oid``'s newest record that another process has
-        appended to this child's file since it was opened, or ``None``.
-
-        Only a FileStorage opened read-only can be written by another
-        process (a writable one holds its lock), and it reads only what
-        its index covered when it opened.  Only the appended tail is read.
-        A file another process has packed (replaced) since cannot be
-        checked, and counts as changed.
-        """
-        base = self.base
-        if not isinstance(base, FileStorage) or not base.isReadOnly():
-            return None
-        try:
-            on_disk = os.stat(base._file_name)
-        except OSError:
-            return None
-        if on_disk.st_ino != os.fstat(base._file.fileno()).st_ino:
-            return base._ltid       # a tid newer than ours is unknowable
-        if on_disk.st_size <= base._pos:
-            return None
-        found = None
-        tail = FileIterator(base._file_name, pos=base._pos)
-        try:
-            for txn in tail:
-                if any(r.oid == oid for r in txn):
-                    found = txn.tid
-        finally:
-            tail.close()
-        return found
+        written to this child since it was opened, or ``None`` (see the
+        child's adapter: only a FileStorage opened read-only can tell)."""
+        return self.child.appended_serial(oid)
 
 
 def _names(partitions):

@@ -21,27 +21,18 @@ Recovery decides from these, and from what each child durably holds:
   transaction; anything else is refused with a message, because taking it
   back would take later, acknowledged transactions with it.
 
-Rolling a FileStorage child back cuts its file at the start of that
-transaction, removes the transaction's blobs and rebuilds the index
-(:func:`cut_filestorage`, which ``compositestorage.backup`` uses too, to cut
-a restored child back to the tid of a backup).  Each step is idempotent, and
+Rolling a child back is its adapter's job (:mod:`compositestorage.children`):
+a FileStorage child's file is cut at the start of that transaction, its
+blobs removed and its index rebuilt; a history-preserving RelStorage
+child loses that tid's rows.  Each step is idempotent, and
 the journal is cleared (durably) only after all of them, so a crash during
 recovery is recovered by the next one.
 
 See ``docs/commit-protocol.rst``.
 """
 import logging
-import os
 
-from ZODB.FileStorage import FileStorage
-from ZODB.FileStorage.FileStorage import read_index
-from ZODB.FileStorage.format import TRANS_HDR_LEN
-from ZODB.FileStorage.format import TxnHeaderFromString
-from ZODB.MappingStorage import MappingStorage
-from ZODB.TimeStamp import TimeStamp
 from ZODB._compat import dumps
-from ZODB.utils import p64
-from ZODB.utils import u64
 from ZODB.utils import z64
 
 from compositestorage.errors import RecoveryError
@@ -224,18 +215,14 @@ class Partial:
 def record_participants(part, metadata, prefixes):
     """Have ``part``'s child record ``prefixes`` as the participants of the
     transaction it is committing, before its vote.  ``metadata`` is the
-    transaction object the child was begun with (the composite's own copy).
-
-    MappingStorage reads the metadata when it finishes; FileStorage took
-    it at ``tpc_begin`` and writes it at vote, so what it took is replaced
-    (the same length).  Other children record what they were begun with.
+    transaction object the child was begun with (the composite's own copy),
+    which a child that reads it when it finishes (MappingStorage) sees
+    changed; the child's adapter replaces what the others took at
+    ``tpc_begin`` (the same length).
     """
     extension = set_participants(metadata.extension_bytes, prefixes)
     metadata.extension_bytes = extension
-    child = part.base
-    if isinstance(child, FileStorage) and child._ude is not None:
-        user, description, _ = child._ude
-        child._ude = (user, description, extension)
+    part.child.record_participants(extension)
 
 
 def partial_transactions(partitions, depth=CHECK_DEPTH, packed_to=z64):
@@ -307,44 +294,14 @@ def recent_transactions(part, floor, depth):
     above ``floor``, newest first, at most ``depth`` of them.  A
     transaction a pack rewrote names none.  Children that keep no
     transaction metadata give none."""
-    child = part.base
-    if isinstance(child, FileStorage):
-        return _recent_file_transactions(child, floor, depth)
-    return ()
-
-
-def _recent_file_transactions(fs, floor, depth):
-    result = []
-    with fs._lock:
-        f, pos = fs._file, fs._pos
-        while pos > FILE_HEADER_LEN and len(result) < depth:
-            start, tid = transaction_before(f, pos, fs._file_name)
-            if tid <= floor:
-                break
-            f.seek(start)
-            header = TxnHeaderFromString(f.read(TRANS_HDR_LEN))
-            f.seek(start + TRANS_HDR_LEN + header.ulen + header.dlen)
-            extension = f.read(header.elen)
-            result.append((tid, () if header.status == 'p'
-                           else participants_in(extension)))
-            pos = start
-    return result
+    return [(tid, participants_in(extension)) for tid, extension
+            in part.child.recent_transactions(floor, depth)]
 
 
 def last_finished(part):
-    """The tid of the last transaction ``part``'s child finished.
-
-    Not ``lastTransaction()`` for a FileStorage: one that cut off a
-    transaction it never finished, or that was opened read-only while its
-    writer was between vote and finish, reports that transaction's tid.
-    """
-    child = part.base
-    if isinstance(child, FileStorage):
-        return _last_transaction(child)
-    if isinstance(child, MappingStorage):
-        return (child._transactions.maxKey() if child._transactions
-                else z64)
-    return child.lastTransaction()
+    """The tid of the last transaction ``part``'s child finished (not
+    always ``lastTransaction()``: see the FileStorage adapter)."""
+    return part.child.last_finished()
 
 
 def has_transaction(part, tid):
@@ -353,174 +310,11 @@ def has_transaction(part, tid):
     Usually ``tid`` is the child's last transaction; after a lost journal
     clear (a power loss) later ones may follow, and are walked past.
     """
-    last = last_finished(part)
-    if last <= tid:
-        return last == tid
-    child = part.base
-    if isinstance(child, FileStorage):
-        with child._lock:
-            _, tids = transactions_after(child._file, child._pos,
-                                         p64(u64(tid) - 1),
-                                         child._file_name)
-        return bool(tids) and tids[0] == tid
-    if isinstance(child, MappingStorage):
-        return tid in child._transactions
-    it = child.iterator(tid, tid)
-    try:
-        return any(t.tid == tid for t in it)
-    finally:
-        getattr(it, 'close', lambda: None)()
+    return part.child.has_transaction(tid)
 
 
 def roll_back(part, tid):
     """Remove transaction ``tid``, the last one, from ``part``'s child."""
-    child = part.base
-    if isinstance(child, FileStorage):
-        _truncate(child, tid)
-    elif isinstance(child, MappingStorage):
-        _drop_mapping_transaction(child, tid)
-    else:
-        raise RecoveryError(
-            'partition %r: cannot remove transaction %s from a %s child; '
-            'only FileStorage and MappingStorage children can be rolled back'
-            % (part.name, tid.hex(), type(child).__name__))
+    part.child.roll_back(tid, part.name)
     logger.warning('partition %r: removed unfinished transaction %s',
                    part.name, tid.hex())
-
-
-def _last_transaction(fs):
-    """The tid of the last committed transaction of a FileStorage; ``z64``
-    for an empty one."""
-    with fs._lock:
-        return last_tid_before(fs._file, fs._pos, fs._file_name)
-
-
-def _truncate(fs, tid):
-    with fs._lock:
-        last = _last_transaction(fs)
-        if last != tid:
-            raise RecoveryError(
-                'partition file %s: its last transaction is %s, not %s; '
-                'it cannot be rolled back' % (
-                    fs._file_name, last.hex(), tid.hex()))
-        # tids only grow along the file: this removes ``tid`` alone
-        cut_filestorage(fs, p64(u64(tid) - 1))
-
-
-# --- cutting a FileStorage back (shared with compositestorage.backup) ---------
-
-#: The magic a FileStorage file begins with, before its first transaction.
-FILE_HEADER_LEN = 4
-
-
-def transaction_before(f, end, name='FileStorage data'):
-    """``(start, tid)`` of the transaction that ends at ``end`` in the
-    FileStorage data ``f`` (a file-like object with ``seek`` and ``read``):
-    each transaction repeats its length after itself, so the walk goes
-    back without reading the data in between."""
-    f.seek(end - 8)
-    tlen = u64(f.read(8))
-    start = end - 8 - tlen
-    if start < FILE_HEADER_LEN:
-        raise RecoveryError(
-            '%s is damaged: the transaction that ends at %d claims %d bytes'
-            % (name, end, tlen))
-    f.seek(start)
-    header = TxnHeaderFromString(f.read(TRANS_HDR_LEN))
-    if header.tlen != tlen:
-        raise RecoveryError(
-            '%s is damaged: the transaction at %d does not end at %d'
-            % (name, start, end))
-    return start, header.tid
-
-
-def last_tid_before(f, pos, name='FileStorage data'):
-    """The tid of the transaction that ends at ``pos`` in the FileStorage
-    data ``f``; ``z64`` at the file's start."""
-    if pos <= FILE_HEADER_LEN:
-        return z64
-    return transaction_before(f, pos, name)[1]
-
-
-def transactions_after(f, end, tid, name='FileStorage data'):
-    """``(start, tids)``: where the first transaction with a tid greater
-    than ``tid`` begins in the FileStorage data ``f`` that ends at ``end``
-    (``end`` when there is none), and the tids of those transactions,
-    oldest first.  Only their headers are read, from the end back."""
-    tids = []
-    pos = end
-    while pos > FILE_HEADER_LEN:
-        start, found = transaction_before(f, pos, name)
-        if found <= tid:
-            break
-        tids.append(found)
-        pos = start
-    tids.reverse()
-    return pos, tids
-
-
-def cut_filestorage(fs, tid):
-    """Cut the open, writable FileStorage ``fs`` back so that it holds only
-    the transactions whose tid is at most ``tid``.
-
-    The file is truncated where the first later transaction begins (and
-    fsynced), the blob files those transactions added are removed, and the
-    index is rebuilt from the file and saved over the old one.  Returns
-    the tids removed, oldest first; none when there was nothing to do.
-    Idempotent: a second call finds nothing to remove.
-    """
-    with fs._lock:
-        f = fs._file
-        start, removed = transactions_after(f, fs._pos, tid, fs._file_name)
-        if not removed:
-            return []
-        blobs = _blob_files(fs, removed[0], removed[-1])
-        f.truncate(start)
-        f.flush()
-        os.fsync(f.fileno())
-        for path in blobs:
-            if os.path.exists(path):
-                os.remove(path)
-        fs._clear_index()
-        index, tindex = fs._newIndexes()
-        fs._initIndex(index, tindex)
-        fs._pos, fs._oid, last = read_index(
-            f, fs._file_name, index, tindex, read_only=False)
-        # As FileStorage does when it cuts off a transaction itself: later
-        # tids stay above the ones taken back.
-        fs._ltid = max(last, removed[-1])
-        fs._ts = TimeStamp(fs._ltid)
-        fs._save_index()
-        return removed
-
-
-def _blob_files(fs, first, last):
-    """The blob files the transactions from ``first`` to ``last`` added."""
-    if not getattr(fs, 'blob_dir', None):
-        return []
-    paths = []
-    it = fs.iterator(first, last)
-    try:
-        for txn in it:
-            for record in txn:
-                paths.append(fs.fshelper.getBlobFilename(record.oid,
-                                                         txn.tid))
-    finally:
-        it.close()
-    return paths
-
-
-def _drop_mapping_transaction(storage, tid):
-    with storage._lock:
-        transactions = storage._transactions
-        if not transactions or transactions.maxKey() != tid:
-            raise RecoveryError(
-                'MappingStorage %s: its last transaction is not %s'
-                % (storage.getName(), tid.hex()))
-        for record in transactions[tid]:
-            revisions = storage._data.get(record.oid)
-            if revisions is not None and tid in revisions:
-                del revisions[tid]
-                if not revisions:
-                    del storage._data[record.oid]
-        del transactions[tid]       # _ltid stays: later tids stay above

@@ -95,7 +95,7 @@ def repair(storage, dry_run=False):
                 part.storage.store(action.oid, serial or z64, action.data,
                                    '', child_txn)
             else:
-                part.storage.deleteObject(action.oid, serial, child_txn)
+                part.child.delete_object(action.oid, serial, child_txn)
             part.stubs.pop(action.oid, None)
         storage.tpc_vote(txn)
     except BaseException:

@@ -93,7 +93,7 @@ def stats(storage, top=10, progress=None):
     shown = (progress or quiet)('stats', estimate(storage), 'records')
     try:
         for part in storage.partitions:
-            for oid, _, data in current_records(part.base):
+            for oid, _, data in current_records(part.base, part.child.skips_deleted):
                 shown.update(1)
                 if oid[0] != part.prefix:
                     tally.stub(part.prefix)

@@ -591,7 +591,7 @@ class CompositeStorage(blobs.BlobMethods):
     def deleteObject(self, oid, serial, transaction):
         state, part = self._writable(oid, transaction, 'delete')
         txn = self._coordinator.begin(state, part)
-        part.storage.deleteObject(oid, serial, txn)
+        part.child.delete_object(oid, serial, txn)
 
     def checkCurrentSerialInTransaction(self, oid, serial, transaction):
         """A read-only partition is checked without beginning its child

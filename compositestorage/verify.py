@@ -49,9 +49,7 @@ are what normal use leaves behind until the next pack, as garbage objects
 are in any FileStorage.  Such problems have ``garbage`` set.
 """
 from BTrees.QQBTree import QQTreeSet
-from ZODB.FileStorage import FileStorage
 from ZODB.fsIndex import fsIndex
-from ZODB.MappingStorage import MappingStorage
 from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 from ZODB.utils import u64
@@ -106,9 +104,14 @@ class Problem:
         return text
 
 
-def current_records(storage):
+def current_records(storage, skips_deleted=None):
     """Yield ``(oid, tid, data)`` of every current record of ``storage``
-    (a child), stepping over deleted objects."""
+    (a child), stepping over deleted objects (where ``skips_deleted``, the
+    child's ``record_iternext`` raises for one; by default its adapter
+    says)."""
+    if skips_deleted is None:
+        from compositestorage.children import adapter_for
+        skips_deleted = adapter_for(storage).skips_deleted
     token = None
     while True:
         try:
@@ -118,7 +121,7 @@ def current_records(storage):
         except POSKeyError as e:
             # FileStorage raises for an oid whose current record has no
             # data (an undone creation or a deletion): step over it
-            if not isinstance(storage, (FileStorage, MappingStorage)):
+            if not skips_deleted:
                 raise
             token = p64(u64(e.args[0]) + 1)
             continue
@@ -187,7 +190,7 @@ def verify(storage, progress=None):
             own[part.prefix] = mine = fsIndex()
             stubs[part.prefix] = foreign = fsIndex()
             n_own = n_stubs = n_internal = 0
-            for oid, _, data in current_records(part.base):
+            for oid, _, data in current_records(part.base, part.child.skips_deleted):
                 shown.update(1)
                 if oid[0] == part.prefix:
                     if is_internal(oid, part.prefix):
@@ -228,7 +231,7 @@ def check_spans(partitions, packed_to=z64):
     held = {}       # prefix -> QQTreeSet of the tids its child holds
     spans = {}      # tid -> prefixes, for transactions over several
     for part in partitions:
-        if not isinstance(part.base, FileStorage):
+        if not part.child.reads_spans:
             continue            # its history is not read (see recovery)
         held[part.prefix] = tids = QQTreeSet()
         for tid, prefixes in recent_transactions(part, z64, float('inf')):
@@ -262,7 +265,7 @@ def _check_references(part, by_prefix, own, stubs, shown, unwritten=False):
     prefix = part.prefix
     foreign = stubs[prefix]
     referred = fsIndex()
-    for referrer, _, data in current_records(part.base):
+    for referrer, _, data in current_records(part.base, part.child.skips_deleted):
         shown.update(1)
         if is_internal(referrer, prefix):
             continue

@@ -1,0 +1,307 @@
+"""The adapter for RelStorage children (SQLite, PostgreSQL, ...).
+
+It reads the child's tables through RelStorage's own adapter (its
+connection manager and driver), on a connection of its own, so that what
+it reads is what is committed now, not the child's MVCC snapshot:
+
+* oids and counts from ``current_object`` (history-preserving) or
+  ``object_state`` (history-free), by primary key ranges;
+* the transactions a history-preserving child holds, and the partitions
+  each spans, from its ``transaction`` table (a history-free child keeps
+  no transaction metadata);
+* taking a finished transaction back from a history-preserving child by
+  deleting that tid's rows, as a FileStorage file is cut;
+* removing garbage by deleting the rows of every oid the composite's mark
+  did not keep, then packing without GC.
+
+RelStorage's ``pack`` takes no ``gc`` argument: its ``pack-gc`` option
+decides.  A writable child is therefore opened with that option forced
+off, so that it never collects garbage on its own (DESIGN.md, invariant 7).
+
+The composite begins every child with ``tpc_begin(txn, tid)``, which is
+RelStorage's restore mode: the transaction row, with its metadata, is
+written at begin, on the store connection, so the span is set there
+before the vote; and that mode lacks ``deleteObject`` (RelStorage 4.3
+spells it ``deletObject``), so a deletion is stored as a restore of no
+data, which is what ``deleteObject`` writes.
+"""
+import contextlib
+import logging
+
+from ZODB.POSException import ConflictError
+from ZODB.serialize import referencesf
+from ZODB.utils import p64
+from ZODB.utils import u64
+from ZODB.utils import z64
+
+from compositestorage.children.generic import Child
+from compositestorage.errors import RecoveryError
+
+logger = logging.getLogger(__name__)
+
+#: How many oids one statement deletes.
+BATCH = 500
+
+
+def handles(base):
+    try:
+        from relstorage.storage import RelStorage
+    except ImportError:     # pragma: no cover
+        return False
+    return isinstance(base, RelStorage)
+
+
+def adapter(storage, base):
+    return RelStorageChild(storage, base)
+
+
+class RelStorageChild(Child):
+
+    kind = 'RelStorage'
+    collects_garbage = True
+    counts_cheaply = True
+
+    def __init__(self, storage, base):
+        Child.__init__(self, storage, base)
+        self.keep_history = base._options.keep_history
+        self.reads_spans = self.keep_history
+        self._db = base._adapter
+        #: the table that has one row per current object
+        self._current = ('current_object' if self.keep_history
+                         else 'object_state')
+        driver = self._db.driver
+        self._binary = driver.Binary
+        self._mark = '?' if 'sqlite' in type(driver).__module__ else '%s'
+        self._tid = None        # the tid of the transaction being restored
+
+    @property
+    def engine(self):
+        """The database's name as RelStorage's driver gives it."""
+        return type(self._db).__module__.split('.')[2]
+
+    def prepare(self, read_only):
+        """Never let the child collect garbage on its own."""
+        options = self.base._options
+        if options.pack_gc:
+            logger.info('partition child %s: pack-gc switched off; the '
+                        'composite collects garbage globally',
+                        self.storage.getName())
+            options.pack_gc = False
+
+    @contextlib.contextmanager
+    def _cursor(self, write=False):
+        """A cursor on a connection of its own, committed (``write``) or
+        rolled back at the end, and closed."""
+        connmanager = self._db.connmanager
+        conn, cursor = connmanager.open()
+        try:
+            yield cursor
+            if write:
+                conn.commit()
+            else:
+                conn.rollback()
+        except BaseException:
+            try:
+                conn.rollback()
+            finally:
+                connmanager.close(conn, cursor)
+            raise
+        connmanager.close(conn, cursor)
+
+    def _query(self, sql, params=()):
+        with self._cursor() as cursor:
+            cursor.execute(sql.replace('%s', self._mark), params)
+            return cursor.fetchall()
+
+    def _scalar(self, sql, params=()):
+        rows = self._query(sql, params)
+        return rows[0][0] if rows else None
+
+    # --- oids -------------------------------------------------------------
+
+    def oids_in(self, lo, hi):
+        rows = self._query(
+            'SELECT zoid FROM %s WHERE zoid >= %%s AND zoid <= %%s '
+            'ORDER BY zoid' % self._current, (u64(lo), u64(hi)))
+        return [p64(row[0]) for row in rows]
+
+    def max_oid(self, lo, hi):
+        n = self._scalar('SELECT MAX(zoid) FROM %s WHERE zoid >= %%s AND '
+                         'zoid <= %%s' % self._current, (u64(lo), u64(hi)))
+        return None if n is None else p64(n)
+
+    def min_oid(self, lo, hi):
+        n = self._scalar('SELECT MIN(zoid) FROM %s WHERE zoid >= %%s AND '
+                         'zoid <= %%s' % self._current, (u64(lo), u64(hi)))
+        return None if n is None else p64(n)
+
+    def count_in(self, lo, hi):
+        return self._scalar('SELECT COUNT(*) FROM %s WHERE zoid >= %%s AND '
+                            'zoid <= %%s' % self._current, (u64(lo), u64(hi)))
+
+    def count_outside(self, lo, hi):
+        return self._scalar('SELECT COUNT(*) FROM %s WHERE zoid < %%s OR '
+                            'zoid > %%s' % self._current, (u64(lo), u64(hi)))
+
+    def prefixes_held(self):
+        # one indexed probe per prefix: oids stay below 2**63
+        held = set()
+        with self._cursor() as cursor:
+            for prefix in range(0x80):
+                cursor.execute(
+                    ('SELECT zoid FROM %s WHERE zoid >= %%s AND zoid <= %%s '
+                     'LIMIT 1' % self._current).replace('%s', self._mark),
+                    (prefix << 56, (prefix << 56) | (1 << 56) - 1))
+                if cursor.fetchall():
+                    held.add(prefix)
+        return held
+
+    def current_serial(self, oid):
+        n = self._scalar('SELECT tid FROM %s WHERE zoid = %%s'
+                         % self._current, (u64(oid),))
+        return None if n is None else p64(n)
+
+    # --- transactions -----------------------------------------------------
+
+    def last_finished(self):
+        if self.keep_history:
+            n = self._scalar('SELECT MAX(tid) FROM "transaction"')
+        else:
+            n = self._scalar('SELECT MAX(tid) FROM object_state')
+        return p64(n) if n else z64
+
+    def has_transaction(self, tid):
+        if not self.keep_history:
+            # only the last one can be told: older rows were overwritten
+            return self.last_finished() == tid
+        return self._scalar('SELECT COUNT(*) FROM "transaction" WHERE tid = %s',
+                            (u64(tid),)) > 0
+
+    def recent_transactions(self, floor, depth):
+        if not self.keep_history:
+            return ()
+        sql = ('SELECT tid, extension, packed FROM "transaction" '
+               'WHERE tid > %s ORDER BY tid DESC')
+        if depth != float('inf'):
+            sql += ' LIMIT %d' % depth
+        # a transaction a pack rewrote may have lost parts
+        return [(p64(tid), b'' if packed else bytes(extension or b''))
+                for tid, extension, packed
+                in self._query(sql, (u64(floor),))]
+
+    def _restore_state(self):
+        """The restore-mode state of the transaction being committed."""
+        phase = self.base._tpc_phase
+        return getattr(phase, 'wrapping', None)
+
+    def record_participants(self, extension):
+        """RelStorage's restore mode wrote the transaction's row at
+        ``tpc_begin``, on its store connection, uncommitted: its extension
+        is updated there."""
+        if not self.keep_history:
+            return      # a history-free child keeps no transaction row
+        state = self._restore_state()
+        if state is None or self._tid is None:
+            return
+        cursor = state.shared_state.store_connection.cursor
+        cursor.execute(
+            'UPDATE "transaction" SET extension = %s WHERE tid = %s'.replace(
+                '%s', self._mark),
+            (self._binary(extension), u64(self._tid)))
+
+    def tpc_begin(self, transaction, tid, status=' '):
+        Child.tpc_begin(self, transaction, tid, status)
+        self._tid = tid
+
+    def roll_back(self, tid, name):
+        """Delete the rows of ``tid``, the child's last transaction, and
+        point each object it wrote back at its previous revision."""
+        if not self.keep_history:
+            raise RecoveryError(
+                'partition %r: transaction %s cannot be taken back from a '
+                'history-free RelStorage child (it overwrote the revisions '
+                'before it); see "What holds for each child kind" in '
+                'docs/commit-protocol.rst' % (name, tid.hex()))
+        last = self.last_finished()
+        if last != tid:
+            raise RecoveryError(
+                'partition %r (%s): its last transaction is %s, not %s; it '
+                'cannot be rolled back' % (name, self.storage.getName(),
+                                           last.hex(), tid.hex()))
+        t = u64(tid)
+        with self._cursor(write=True) as cursor:
+            def run(sql, params=(t,)):
+                cursor.execute(sql.replace('%s', self._mark), params)
+            run('DELETE FROM current_object WHERE tid = %s')
+            run('INSERT INTO current_object (zoid, tid) '
+                'SELECT zoid, MAX(tid) FROM object_state WHERE tid < %s AND '
+                'zoid IN (SELECT zoid FROM object_state WHERE tid = %s) '
+                'GROUP BY zoid', (t, t))
+            run('DELETE FROM blob_chunk WHERE tid = %s')
+            run('DELETE FROM object_ref WHERE tid = %s')
+            run('DELETE FROM object_refs_added WHERE tid = %s')
+            run('DELETE FROM object_state WHERE tid = %s')
+            run('DELETE FROM "transaction" WHERE tid = %s')
+        self._forget()
+
+    def _forget(self):
+        """Drop what the child cached of rows deleted behind its back."""
+        self.base._cache.clear(load_persistent=False)
+        self.base.sync()
+
+    # --- pack ---------------------------------------------------------------
+
+    def sweep(self, t, verdict, name):
+        """Delete every object whose current revision is at or before the
+        pack time and that the verdict does not keep (all its rows, its
+        blob chunks with them), then pack without GC (old revisions).
+
+        The rows are chosen and deleted under RelStorage's commit lock,
+        which a commit to this child takes at its ``tpc_begin``: an object
+        written since the pack time is never taken for garbage."""
+        from compositestorage.gc import pack_tid
+        stop = u64(pack_tid(t))
+        with self._cursor(write=True) as cursor:
+            if self._mark != '?':
+                # SQLite lets one writer in at a time anyway: the DELETEs
+                # below wait for a commit of this child to end
+                self._db.locker.hold_commit_lock(cursor)
+            cursor.execute(('SELECT zoid FROM %s WHERE tid <= %%s'
+                            % self._current).replace('%s', self._mark),
+                           (stop,))
+            garbage = [row[0] for row in cursor.fetchall()
+                       if row[0] not in verdict]
+            self._delete(cursor, garbage)
+        if garbage:
+            self._forget()
+        logger.info('pack: partition %r: deleted %d unreachable objects',
+                    name, len(garbage))
+        self.base.pack(t, referencesf)
+
+    def _delete(self, cursor, oids):
+        tables = ['object_ref', 'object_refs_added', 'blob_chunk']
+        if self.keep_history:
+            tables = ['current_object', 'object_ref', 'blob_chunk']
+        for i in range(0, len(oids), BATCH):
+            batch = oids[i:i + BATCH]
+            marks = ', '.join([self._mark] * len(batch))
+            for table in tables + ['object_state']:
+                cursor.execute('DELETE FROM %s WHERE zoid IN (%s)'
+                               % (table, marks), batch)
+
+    def pack_without_gc(self, t):
+        self.base.pack(t, referencesf)
+
+    def delete_object(self, oid, serial, transaction):
+        """``deleteObject`` in restore mode: a restore of no data, which is
+        what ``deleteObject`` writes (a deletion record when history is
+        kept, no row when not)."""
+        base = self.base
+        if self._restore_state() is None or self._tid is None:
+            return base.deleteObject(oid, serial, transaction)
+        current = self.current_serial(oid)
+        if current != serial:
+            raise ConflictError(oid=oid, serials=(current, serial))
+        base.restore(oid, self._tid, None, '', None, transaction)
+        # as deleteObject does: the cache must not serve the deleted state
+        base._cache.remove_cached_data(u64(oid), u64(serial))
