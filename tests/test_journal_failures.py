@@ -63,6 +63,7 @@ def commit(db, names, timeout=20):
     def run():
         tm = transaction.TransactionManager()
         conn = db.open(tm)
+        tm.begin()      # a ZEO client with server_sync waits for the server
         try:
             for name in names:
                 conn.root()[name]['n'] += 1
@@ -157,7 +158,7 @@ def test_through_zeo_the_next_client_commits(tmp_path, monkeypatch):
                          'placement round-robin', section_name='1')
     addr, stop = ZEO.server(storage_conf=conf)
     try:
-        db = ZEO.DB(addr)
+        db = ZEO.DB(addr, server_sync=True)
         other = ZEO.DB(addr, server_sync=True)
         try:
             tm = transaction.TransactionManager()
