@@ -6,8 +6,14 @@ oids would hand out oids in other partitions' ranges.  The next oid is
 derived from the child when the partition opens.
 
 Each child keeps one internal record of its own, the partition map, at the
-top oid of its prefix range.  It says which partition of which composite the
-child belongs to, so a renamed, renumbered or doubly used child is refused.
+top oid of its prefix range.  It says which partition of which composite
+the child belongs to, so a renamed, renumbered or doubly used child is
+refused.
+
+The top half of the range is kept for keyed objects
+(:mod:`compositestorage.namespaces`, layout in :mod:`compositestorage.keys`):
+the allocator hands out oids from the bottom half only, so a keyed oid
+never meets an allocated one.
 """
 import io
 import os
@@ -32,6 +38,8 @@ from compositestorage.errors import PartitionFullError
 from compositestorage.errors import PartitionMapError
 from compositestorage.errors import ReadOnlyPartitionError
 from compositestorage.errors import oid_hex
+from compositestorage.keys import KEYED_SUFFIX
+from compositestorage.keys import TABLE_HEAD
 from compositestorage.references import class_of
 from compositestorage.references import quick_check
 from compositestorage.stubs import load_internal_record
@@ -154,7 +162,7 @@ class Partition:
         self.read_only = bool(read_only or storage.isReadOnly())
         self.map_oid = map_oid(prefix)
         self._base = prefix << 56
-        self._limit = u64(self.map_oid)
+        self._limit = self._base + KEYED_SUFFIX
         self._next = None
         self._allocated = None   # the last oid handed out, once _next is set
         self._oid_lock = threading.Lock()
@@ -198,7 +206,10 @@ class Partition:
                     self._allocated = oid
 
     def max_own_oid(self):
-        """The highest oid of this partition's own objects, or ``None``."""
+        """The highest oid the allocator has handed out, or ``None``.
+
+        Keyed objects sit above the allocator's range, and never count.
+        """
         child = self.base
         below = p64(self._limit - 1)
         if isinstance(child, FileStorage):
@@ -209,7 +220,7 @@ class Partition:
             return oid if oid[0] == self.prefix else None
         best = None
         for oid in self.own_oids():
-            if best is None or oid > best:
+            if oid <= below and (best is None or oid > best):
                 best = oid
         return best
 
@@ -255,6 +266,18 @@ class Partition:
                 % (self.name, type(child).__name__))
         return [oid for oid in oids
                 if oid[0] == self.prefix and oid != self.map_oid]
+
+    def key_table_oids(self):
+        """The oids of the key tables this child holds (see
+        :mod:`compositestorage.namespaces`); a pack keeps them all."""
+        head = bytes((self.prefix,)) + TABLE_HEAD
+        child = self.base
+        if isinstance(child, FileStorage):
+            # fsIndex keeps a bucket of 2-byte suffixes per 6-byte prefix,
+            # and the tables fill exactly one such bucket.
+            bucket = child._index._data.get(head)
+            return [head + tail for tail in bucket.keys()] if bucket else []
+        return [oid for oid in self.own_oids() if oid[:6] == head]
 
     def prefixes_held(self):
         """The first bytes of every oid this child holds, where cheap.
