@@ -71,7 +71,7 @@ def keyed_oids(storage, prefix):
                   if 0x80 <= oid[1] < 0xe0)
 
 
-# --- the three kinds of key ---------------------------------------------------
+# --- the three kinds of key --------------------------------------------------
 
 def test_integer_keys_map_directly(db):
     conn = db.open()
@@ -151,7 +151,7 @@ def test_unknown_namespace_and_bad_factory(db):
     transaction.abort()
 
 
-# --- keyed oids beside allocated ones --------------------------------------------
+# --- keyed oids beside allocated ones ----------------------------------------
 
 def test_keyed_and_allocated_oids_never_meet(db, closing):
     conn = db.open()
@@ -194,7 +194,7 @@ def test_keyed_objects_are_ordinary_objects(db):
     assert problems == [] and counts['b']['objects'] == 3
 
 
-# --- collisions ---------------------------------------------------------------
+# --- collisions --------------------------------------------------------------
 
 @pytest.fixture
 def weak_hash(monkeypatch):
@@ -273,7 +273,7 @@ def test_new_keys_in_one_table_merge_without_conflict(db, monkeypatch):
         assert db.storage.lookup('b', key) == obj._p_oid
 
 
-# --- the same key twice at once -----------------------------------------------
+# --- the same key twice at once ----------------------------------------------
 
 def test_same_key_from_two_connections_is_created_once(db):
     tm1, tm2 = new_tm(), new_tm()
@@ -351,7 +351,7 @@ def test_read_only_partition(db, closing):
     transaction.abort()
 
 
-# --- idempotent import ----------------------------------------------------------
+# --- idempotent import -------------------------------------------------------
 
 PEOPLE = [(DN, 'Alice'), ('cn=Bob,ou=People,dc=example,dc=com', 'Bob'),
           (str(UUID), 'Service account'), (1001, 'Employee 1001')]
@@ -388,7 +388,7 @@ def test_an_import_run_twice_creates_nothing_the_second_time(db, closing):
     assert len(keyed_oids(db.storage, 1)) == 4
 
 
-# --- across processes, and through ZEO ------------------------------------------
+# --- across processes, and through ZEO ---------------------------------------
 
 EMBEDDED = textwrap.dedent('''
     import json, sys, transaction, ZODB
