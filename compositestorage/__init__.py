@@ -8,10 +8,12 @@ its own while ZODB sees one database with one root.
 from compositestorage.errors import CompositeStorageError
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import CorruptStubError
+from compositestorage.errors import KeyedError
 from compositestorage.errors import PartitionFullError
 from compositestorage.errors import PartitionMapError
 from compositestorage.errors import ReadOnlyPartitionError
 from compositestorage.errors import UnknownPartitionError
+from compositestorage.namespaces import keyed
 from compositestorage.partition import Partition
 from compositestorage.placement import containment
 from compositestorage.placement import placement
@@ -20,7 +22,8 @@ from compositestorage.stubs import PartitionStub
 
 __all__ = [
     'CompositeStorage', 'Partition', 'PartitionStub', 'placement',
-    'containment', 'CompositeStorageError', 'ConfigurationError',
-    'CorruptStubError', 'PartitionFullError', 'PartitionMapError',
+    'containment', 'keyed', 'CompositeStorageError', 'ConfigurationError',
+    'CorruptStubError', 'KeyedError', 'PartitionFullError',
+    'PartitionMapError',
     'ReadOnlyPartitionError', 'UnknownPartitionError',
 ]

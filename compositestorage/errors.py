@@ -76,9 +76,15 @@ class PartitionFullError(CompositeStorageError):
 
     def __str__(self):
         return ('partition %r (prefix %d) has run out of oids: its range '
-                '0x%02x00000000000001..0x%02xfffffffffffffe is used up; '
-                'place new objects in another partition'
+                '0x%02x00000000000001..0x%02x7fffffffffffff is used up (the '
+                'rest is kept for keyed objects); place new objects in '
+                'another partition'
                 % (self.name, self.prefix, self.prefix, self.prefix))
+
+
+class KeyedError(CompositeStorageError, ValueError):
+    """A key or a keyed namespace that cannot be used (see
+    :mod:`compositestorage.namespaces`)."""
 
 
 class CorruptRecordError(CompositeStorageError):

@@ -6,8 +6,9 @@ composite marks first, from the root and across stubs, with FileStorage's
 semantics for the pack time: keep what is reachable at the pack time, plus
 everything written later and what that references.  The mark's verdict is,
 for each child, the complete set of oids it keeps: its own reachable
-objects, the stubs their references go through, the root stub and the
-partition map.  Then each child packs with that verdict:
+objects, the stubs their references go through, the root stub, the
+partition map and the key tables of keyed objects.  Then each child packs
+with that verdict:
 
 * a FileStorage child runs its own packer, whose GC takes the verdict as
   its reachable set instead of walking the child again (the walk would
@@ -169,6 +170,8 @@ def mark(storage, stop, progress=None):
     for p in storage.partitions:
         keep[p] = verdict = QQTreeSet()
         verdict.insert(as_int(p.map_oid, 'big'))
+        for oid in p.key_table_oids():  # they reference nothing
+            verdict.insert(as_int(oid, 'big'))
         if p.prefix != 0:
             verdict.insert(0)       # a secondary's root stub, at z64
     todo = [z64]

@@ -6,8 +6,14 @@ oids would hand out oids in other partitions' ranges.  The next oid is
 derived from the child when the partition opens.
 
 Each child keeps one internal record of its own, the partition map, at the
-top oid of its prefix range.  It says which partition of which composite the
-child belongs to, so a renamed, renumbered or doubly used child is refused.
+top oid of its prefix range.  It says which partition of which composite
+the child belongs to, so a renamed, renumbered or doubly used child is
+refused.
+
+The top half of the range is kept for keyed objects
+(:mod:`compositestorage.namespaces`, layout in :mod:`compositestorage.keys`):
+the allocator hands out oids from the bottom half only, so a keyed oid
+never meets an allocated one.
 """
 import io
 import threading
@@ -30,6 +36,8 @@ from compositestorage.errors import PartitionFullError
 from compositestorage.errors import PartitionMapError
 from compositestorage.errors import ReadOnlyPartitionError
 from compositestorage.errors import oid_hex
+from compositestorage.keys import KEYED_SUFFIX
+from compositestorage.keys import TABLE_HEAD
 from compositestorage.references import class_of
 from compositestorage.references import quick_check
 from compositestorage.stubs import load_internal_record
@@ -150,7 +158,7 @@ class Partition:
         self.child.prepare(self.read_only)
         self.map_oid = map_oid(prefix)
         self._base = prefix << 56
-        self._limit = u64(self.map_oid)
+        self._limit = self._base + KEYED_SUFFIX
         self._next = None
         self._allocated = None   # the last oid handed out, once _next is set
         self._oid_lock = threading.Lock()
@@ -199,7 +207,10 @@ class Partition:
                 bytes((self.prefix,)) + b'\xff' * 7)
 
     def max_own_oid(self):
-        """The highest oid of this partition's own objects, or ``None``."""
+        """The highest oid the allocator has handed out, or ``None``.
+
+        Keyed objects sit above the allocator's range, and never count.
+        """
         try:
             return self.child.max_oid(self._own_range()[0],
                                       p64(self._limit - 1))
@@ -214,6 +225,12 @@ class Partition:
         except ConfigurationError as e:
             raise ConfigurationError('partition %r: %s' % (self.name, e))
         return (oid for oid in oids if oid != self.map_oid)
+
+    def key_table_oids(self):
+        """The oids of the key tables this child holds (see
+        :mod:`compositestorage.namespaces`); a pack keeps them all."""
+        head = bytes((self.prefix,)) + TABLE_HEAD
+        return list(self.child.oids_in(head + b'\0\0', head + b'\xff\xff'))
 
     def prefixes_held(self):
         """The first bytes of every oid this child holds, where cheap.

@@ -30,6 +30,7 @@ from ZODB.utils import z64
 from compositestorage import blobs
 from compositestorage import gc as global_gc
 from compositestorage import iteration
+from compositestorage import namespaces
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import JournalError
@@ -460,6 +461,12 @@ class CompositeStorage(blobs.BlobMethods):
         if part is None or part.read_only:
             return self.new_oid()
         return part.new_oid()
+
+    def lookup(self, namespace, key):
+        """The oid of ``key`` among the keyed objects of the partition
+        called ``namespace``, or ``None``; see
+        :mod:`compositestorage.namespaces`."""
+        return namespaces.lookup(self, namespace, key)
 
     # --- reading ----------------------------------------------------------------
 

@@ -420,7 +420,8 @@ def restore_one(storage, oid, data):
 def test_partition_runs_out_of_oids(composite_db):
     db, storage, paths = composite_db
     storage.new_oid_in('b')                     # the allocator is started
-    last_oid = bytes([1]) + b'\xff' * 6 + b'\xfe'
+    # the allocator's range ends below the keyed half of the partition
+    last_oid = bytes([1, 0x7f]) + b'\xff' * 6
     restore_one(storage, last_oid, pm_record(v='last'))
     assert storage.load(last_oid)[0] == pm_record(v='last')
     before = file_state(paths)
@@ -428,8 +429,8 @@ def test_partition_runs_out_of_oids(composite_db):
         storage.new_oid_in('b')
     text = str(exc.value)
     assert "'b'" in text and 'prefix 1' in text
-    assert '0x01fffffffffffffe' in text
-    # other partitions are not affected, and the map oid was never given
+    assert '0x017fffffffffffff' in text
+    # other partitions are not affected, and no keyed oid was ever given
     assert storage.new_oid_in('c')[0] == 2
     # through ZODB: nothing is written
     tm = new_tm()
@@ -451,15 +452,17 @@ def test_partition_runs_out_of_oids(composite_db):
         storage.close()
 
 
-def test_last_oid_below_the_map(composite_db):
-    """The oid just below the map's is the last one handed out."""
+def test_last_oid_below_the_keyed_range(composite_db):
+    """The oid just below the keyed half of the range is the last one
+    handed out, and keyed oids above it do not move the allocator."""
     db, storage, paths = composite_db
-    oid = bytes([2]) + b'\xff' * 6 + b'\xfd'
+    oid = bytes([2, 0x7f]) + b'\xff' * 5 + b'\xfe'
     restore_one(storage, oid, pm_record(v=1))
+    restore_one(storage, bytes([2, 0x80]) + b'\0' * 6, pm_record(v=2))
     db.close()
     storage = open_composite(paths)
     try:
-        assert storage.new_oid_in('c') == bytes([2]) + b'\xff' * 6 + b'\xfe'
+        assert storage.new_oid_in('c') == bytes([2, 0x7f]) + b'\xff' * 6
         with pytest.raises(PartitionFullError):
             storage.new_oid_in('c')
     finally:

@@ -47,7 +47,8 @@ EXAMPLES = examples()
 
 def test_the_readme_has_every_example():
     assert set(EXAMPLES) == {'zeo.conf', 'client.conf', 'zodb.conf',
-                             'zope.conf', 'uri', 'python'}
+                             'zope.conf', 'uri', 'python', 'keyed-import',
+                             'keyed-lookup'}
 
 
 def test_quick_start_commands():
@@ -195,3 +196,15 @@ def test_zconfig_uri(var):
 def test_python(var):
     exec(compile(EXAMPLES['python'], 'README.rst', 'exec'), {})
     assert os.path.getsize('var/catalog.fs') > 4
+
+
+def test_keyed_import_and_lookup(var):
+    """The import runs twice creating nothing; then another process (as an
+    external system would) finds the objects by DN and UUID."""
+    exec(compile(EXAMPLES['keyed-import'], 'README.rst', 'exec'), {})
+    size = os.path.getsize('var/people.fs')
+    assert size > 4
+    out = subprocess.run([sys.executable, '-c', EXAMPLES['keyed-lookup']],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert os.path.getsize('var/people.fs') == size     # nothing written
