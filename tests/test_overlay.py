@@ -300,17 +300,33 @@ def test_unchanged_store_on_a_read_only_base_is_not_refused(vendor, closing):
 
 # --- concurrent changes -------------------------------------------------------
 
-def test_two_connections_change_the_two_parts_at_once(overlaid):
+@pytest.mark.parametrize('newer', ['home', 'overlay'])
+@pytest.mark.parametrize('first', ['home', 'overlay'])
+def test_two_connections_change_the_two_parts_at_once(overlaid, newer,
+                                                      first):
+    """Whichever part holds the newer record (the serial ZODB sees) and
+    whichever commits first, both changes are kept."""
     db, storage, paths = overlaid
     add_page(db, title='Home', hits=0)
+    conn = db.open()
+    if newer == 'home':
+        conn.root()['page'].title = 'Home2'
+    else:
+        conn.root()['page'].hits = 1
+    transaction.commit()
+    oid = conn.root()['page']._p_oid
+    conn.close()
+    tids = {name: storage.partition_named(name).storage.getTid(oid)
+            for name in ('main', 'local')}
+    assert (tids['main'] > tids['local']) == (newer == 'home')
     tm1, tm2 = new_tm(), new_tm()
     c1, c2 = db.open(tm1), db.open(tm2)
     p1, p2 = c1.root()['page'], c2.root()['page']
-    assert p1.title == p2.title == 'Home'
+    assert p1.title == p2.title
     p1.title = 'Changed by one'     # the home's part
     p2.hits = 42                    # the overlay's part
-    tm1.commit()
-    tm2.commit()                    # no ConflictError: both are kept
+    for tm in ((tm1, tm2) if first == 'home' else (tm2, tm1)):
+        tm.commit()                 # no ConflictError: both are kept
     c1.close()
     c2.close()
     conn = db.open()
