@@ -289,6 +289,45 @@ class Overlay:
         return (self.merge(oid, data, from_child(self.part, odata)),
                 max(start, ostart), end)
 
+    def shows(self, oid, data):
+        """Whether a record of this overlay's child is ZODB's to see (as
+        the overlaid object): an overlay record, or its deletion."""
+        return oid[0] == self.base.prefix and (
+            not data or is_overlay_record(data))
+
+    def data_at(self, oid, tid):
+        """The merged state of ``oid`` written by transaction ``tid``."""
+        found = self.load_before(oid, p64(u64(tid) + 1))
+        return None if found is None else found[0]
+
+    def undone(self, oid, tid):
+        """Whether undoing ``tid`` in this overlay's child undid an overlay
+        record of ``oid`` (ZODB's to hear of), not a stub."""
+        if oid[0] != self.base.prefix:
+            return False
+        try:
+            return is_overlay_record(self.part.storage.loadSerial(oid, tid))
+        except POSKeyError:
+            return False
+
+    def history(self, oid, size, visible):
+        """Both children's histories of ``oid``, newest first, one entry
+        a tid."""
+        entries = {}
+        for part in (self.part, self.base):
+            try:
+                found = part.storage.history(oid, size)
+            except (POSKeyError, KeyError):
+                if part is self.base:
+                    raise
+                continue
+            for entry in found:
+                if entry['tid'] <= visible:
+                    entries.setdefault(entry['tid'], entry)
+        if not entries:
+            raise POSKeyError(oid)
+        return [entries[tid] for tid in sorted(entries, reverse=True)][:size]
+
     def load_serial(self, oid, serial):
         found = self.load_before(oid, p64(u64(serial) + 1))
         if found is None or found[1] != serial:
@@ -376,7 +415,9 @@ class Overlay:
                      or set(old_os) - set(new_os))
         if b_changed:
             self._check_writable_base(oid, klass, sorted(b_changed))
-        write_base = b_changed or (not o_changed and not base.read_only)
+        # A new object always gets its home record: it exists there.
+        write_base = b_changed or old_kind is None or (
+            not o_changed and not base.read_only)
         if write_base:
             record = data if not new_od and not new_os else dumps_record(
                 meta, build_state(kind, new_bd, new_bs))

@@ -121,6 +121,9 @@ class CompositeStorage(blobs.BlobMethods):
             #: base prefix -> Overlay; the overlaid bases leave the fast
             #: paths' tables, so other partitions pay nothing for them
             self._overlays = make_overlays(self, overlays)
+            #: overlay prefix -> Overlay
+            self.overlay_parts = {o.part.prefix: o
+                                  for o in self._overlays.values()}
             for prefix in self._overlays:
                 self._load_before.pop(prefix)
                 self._writable_by_prefix.pop(prefix, None)
@@ -540,6 +543,9 @@ class CompositeStorage(blobs.BlobMethods):
         """The child's history of ``oid``, without revisions the composite
         does not see yet."""
         part = self._home(oid)
+        overlay = self.overlay_of(oid)
+        if overlay is not None:
+            return overlay.history(oid, size, self._visible_tid)
         visible = self._visible_tid
         want = size
         while True:

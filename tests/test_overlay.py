@@ -415,3 +415,102 @@ def test_history_of_a_merged_object_is_consistent(overlaid):
         state = unpickle_record(data)[1]
         assert (state['title'], state.get('hits')) == (title, hits)
         assert unpickle_record(storage.loadSerial(oid, tid))[1] == state
+
+
+# --- pack, iteration, undo, history -------------------------------------------
+
+def _held(path):
+    return set(child_records(path))
+
+
+def test_pack_removes_overlay_records_with_their_base_object(overlaid):
+    import time
+    db, storage, paths = overlaid
+    conn = db.open()
+    root = conn.root()
+    kept, dropped, target = Page(), Page(), Page()
+    kept.hits, dropped.hits = 1, 2
+    dropped.last_seen = target      # only the overlay part refers to it
+    kept.last_seen = None
+    root['kept'], root['dropped'] = kept, dropped
+    transaction.commit()
+    oids = kept._p_oid, dropped._p_oid, target._p_oid
+    assert {oids[0], oids[1]} <= _held(paths['local'])
+    # the target lives as long as the overlay part that refers to it
+    storage.pack(time.time(), None)
+    assert set(oids) <= _held(paths['main'])
+    assert {oids[0], oids[1]} <= _held(paths['local'])
+    del root['dropped']
+    transaction.commit()
+    time.sleep(0.01)
+    storage.pack(time.time(), None)
+    main, local = _held(paths['main']), _held(paths['local'])
+    assert oids[0] in main and oids[0] in local
+    assert oids[1] not in main and oids[1] not in local
+    assert oids[2] not in main          # only the dropped overlay held it
+    conn.close()
+    conn = db.open()
+    assert conn.root()['kept'].hits == 1
+    conn.close()
+
+
+def test_iteration_shows_overlaid_objects_merged_once(overlaid, closing):
+    db, storage, paths = overlaid
+    oid = add_page(db, title='a', hits=1)
+    conn = db.open()
+    page = conn.root()['page']
+    page.hits = 2                   # the overlay's part only
+    transaction.commit()
+    page.title = 'b'                # the home's part only
+    transaction.commit()
+    conn.close()
+    seen = []
+    for txn in storage.iterator():
+        for r in txn:
+            if r.oid == oid:
+                state = unpickle_record(r.data)[1]
+                seen.append((state['title'], state['hits']))
+    assert seen == [('a', 1), ('a', 2), ('b', 2)]
+    # and a plain copy of the composite holds whole objects
+    copy = FileStorage(paths['main'] + '.copy')
+    copy.copyTransactionsFrom(storage)
+    closing(copy)
+    assert unpickle_record(copy.load(oid)[0])[1] == {'title': 'b',
+                                                      'hits': 2}
+    # record_iternext gives the merged current state too
+    found, nxt = {}, None
+    while True:
+        o, tid, data, nxt = storage.record_iternext(nxt)
+        found[o] = data
+        if nxt is None:
+            break
+    assert unpickle_record(found[oid])[1] == {'title': 'b', 'hits': 2}
+
+
+def test_undo_of_an_overlay_only_change(overlaid):
+    db, storage, paths = overlaid
+    oid = add_page(db, title='a', hits=1)
+    conn = db.open()
+    conn.root()['page'].hits = 2
+    transaction.commit()
+    undo_id = storage.undoLog(0, 1)[0]['id']
+    conn.close()
+    db.undo(undo_id)
+    transaction.commit()
+    conn = db.open()
+    assert conn.root()['page'].hits == 1
+    conn.close()
+
+
+def test_history_of_an_overlaid_object_has_both_parts(overlaid):
+    db, storage, paths = overlaid
+    oid = add_page(db, title='a', hits=1)
+    conn = db.open()
+    page = conn.root()['page']
+    tids = [page._p_serial]
+    for change in ('hits', 'title'):
+        setattr(page, change, 5)
+        transaction.commit()
+        tids.append(page._p_serial)
+    conn.close()
+    assert [e['tid'] for e in storage.history(oid, 10)] == tids[::-1]
