@@ -514,3 +514,18 @@ def test_history_of_an_overlaid_object_has_both_parts(overlaid):
         tids.append(page._p_serial)
     conn.close()
     assert [e['tid'] for e in storage.history(oid, 10)] == tids[::-1]
+
+
+def test_verify_counts_overlay_records_and_finds_no_problem(overlaid):
+    from compositestorage.verify import verify
+    db, storage, paths = overlaid
+    conn = db.open()
+    root = conn.root()
+    root['a'], root['b'] = Page(), Page()
+    root['a'].hits = root['b'].hits = 1
+    root['b'].last_seen = Page()    # a stub in the overlay's child
+    transaction.commit()
+    conn.close()
+    problems, counts = verify(storage)
+    assert [str(p) for p in problems] == []
+    assert counts['local'] == {'objects': 0, 'stubs': 2, 'overlays': 2}
