@@ -47,7 +47,8 @@ EXAMPLES = examples()
 
 def test_the_readme_has_every_example():
     assert set(EXAMPLES) == {'zeo.conf', 'client.conf', 'zodb.conf',
-                             'zope.conf', 'uri', 'python'}
+                             'zope.conf', 'uri', 'python', 'overlay-vendor',
+                             'overlay-hot'}
 
 
 def test_quick_start_commands():
@@ -195,3 +196,22 @@ def test_zconfig_uri(var):
 def test_python(var):
     exec(compile(EXAMPLES['python'], 'README.rst', 'exec'), {})
     assert os.path.getsize('var/catalog.fs') > 4
+
+
+def test_overlay_vendor(var):
+    """A read-only vendor base with local attributes per site."""
+    exec(compile(EXAMPLES['overlay-vendor'], 'README.rst', 'exec'), {})
+    from ZODB.FileStorage import FileStorage
+    vendor = FileStorage('var/vendor.fs', read_only=True)
+    try:
+        records = [r.data for t in vendor.iterator() for r in t]
+        assert len(records) == 2            # as the vendor shipped it
+        assert not any(b'hits' in data for data in records)
+    finally:
+        vendor.close()
+    assert os.path.getsize('var/local.fs') > 4
+
+
+def test_overlay_hot(var):
+    exec(compile(EXAMPLES['overlay-hot'], 'README.rst', 'exec'), {})
+    assert os.path.getsize('var/hot.fs') > os.path.getsize('var/main.fs')
