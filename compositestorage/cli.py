@@ -467,10 +467,11 @@ def cmd_verify(args, out=None):
                          indent=2, sort_keys=True), file=out)
     else:
         for name, count in counts.items():
-            print('%s: %d objects, %s stubs' % (
+            print('%s: %d objects, %s stubs%s' % (
                 name, count['objects'],
-                'unknown' if count['stubs'] is None else count['stubs']),
-                file=out)
+                'unknown' if count['stubs'] is None else count['stubs'],
+                ', %d overlay records' % count['overlays']
+                if 'overlays' in count else ''), file=out)
         for problem in problems:
             if problem in errors or args.list_garbage:
                 print(problem, file=out)

@@ -90,6 +90,9 @@ class TransactionState:
         self.restored_data = {}  # oid -> data restored here
         self.hints = {}          # oid -> class named by a rewritten hint
         self.new_stubs = []      # (Partition, oid, klass) written at vote
+        #: (prefix, oid) of overlay records written: they are the stubs
+        #: of their objects in that child (see compositestorage.overlay)
+        self.overlay_records = set()
         self.resolved = set()
 
     def stored(self, oid, serial, data):
@@ -207,7 +210,8 @@ class Coordinator:
         packing = self.packs
         for part, oids in state.stubs_needed.items():
             for oid in sorted(oids):
-                if oid in part.stubs and not packing:
+                if oid in part.stubs and not packing or \
+                        (part.prefix, oid) in state.overlay_records:
                     continue
                 committed = None
                 if oid in new_data:

@@ -7,6 +7,7 @@ import os
 
 from ZODB.config import BaseConfig
 
+from compositestorage.errors import ConfigurationError
 from compositestorage.faults import point as fault_point
 from compositestorage.journal import open_children_consistently
 from compositestorage.partition import check_layout
@@ -23,6 +24,8 @@ class PartitionSection:
         self.prefix = section.prefix
         self.read_only = section.read_only
         self.storage = section.storage
+        self.overlay_of = section.overlay_of
+        self.overlay_attributes = section.overlay_attributes
 
 
 class CompositeStorageConfig(BaseConfig):
@@ -54,13 +57,30 @@ class CompositeStorageConfig(BaseConfig):
                 opened, name=c.name, placement=c.placement,
                 default_partition=c.default_partition,
                 read_only=c.read_only, pack_gc=c.pack_gc,
-                journal=path, journal_seen=seen)
+                journal=path, journal_seen=seen,
+                overlays=overlays_of(sections))
         except BaseException:
             close_all(opened)
             raise
         if c.containment:
             contain_every_db(storage)
         return storage
+
+
+def overlays_of(sections):
+    """``{overlay name: (base name, rules)}`` of the sections that say
+    ``overlay-of``; both keys go together."""
+    overlays = {}
+    for s in sections:
+        if bool(s.overlay_of) != bool(s.overlay_attributes):
+            raise ConfigurationError(
+                'partition %r: overlay-of and overlay-attributes go '
+                'together; give %s too' % (
+                    s.name, 'overlay-attributes' if s.overlay_of
+                    else 'overlay-of'))
+        if s.overlay_of:
+            overlays[s.name] = (s.overlay_of.lower(), s.overlay_attributes)
+    return overlays
 
 
 def open_children(sections):
@@ -100,6 +120,13 @@ def check_sections(sections, default_partition=None):
         key = ('file', os.path.realpath(path)) if path else None
         layout.append((s.name, s.prefix, s.storage, key))
     check_layout(layout, default_partition)
+    names = {s.name for s in sections}
+    for name, (base, _) in overlays_of(sections).items():
+        if base not in names:
+            raise ConfigurationError(
+                'partition %r: overlay-of names %r, which is not a '
+                'configured partition (configured: %s)'
+                % (name, base, ', '.join(sorted(names))))
 
 
 def all_sections(opener, _seen=None):

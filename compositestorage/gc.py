@@ -59,6 +59,7 @@ from ZODB.utils import z64
 from compositestorage.errors import oid_hex
 from compositestorage.faults import point as fault_point
 from compositestorage.interrupts import interrupts_held_back
+from compositestorage.overlay import is_overlay_record
 from compositestorage.progress import quiet
 from compositestorage.references import strong_and_weak_oids
 from compositestorage.verify import estimate
@@ -209,6 +210,24 @@ def mark(storage, stop, progress=None):
     shown = progress('pack: mark', estimate(storage), 'objects')
     marked = 0
     fault_point('pack', 'marking')
+    overlays = getattr(storage, '_overlays', {})
+
+    def follow(part, oid, data):
+        """Mark what ``data``, ``oid``'s record in ``part``, refers to."""
+        own = keep[part]
+        strong, weak = _references(part, oid, data)
+        prefix = part.prefix
+        for ref in strong:
+            key = as_int(ref, 'big')
+            if ref[0] != prefix:
+                own.insert(key)             # its stub in this child
+            home = by_prefix.get(ref[0])
+            if home is None or key not in keep[home]:
+                todo.append(ref)
+        for ref in weak:
+            if ref[0] != prefix:
+                weak_stubs[part].insert(as_int(ref, 'big'))
+
     readers = {}
     try:
         for part in storage.partitions:
@@ -230,21 +249,19 @@ def mark(storage, stop, progress=None):
             marked += 1
             if not marked % 1000:
                 shown.update(1000)
+            overlay = overlays.get(part.prefix)
+            if overlay is not None:
+                # An overlay record lives exactly as long as its object,
+                # and what it refers to lives with it.
+                opart = overlay.part
+                keep[opart].insert(as_int(oid, 'big'))
+                odata = readers[opart](oid)
+                if is_overlay_record(odata):
+                    follow(opart, oid, odata)
             data = readers[part](oid)
             if not data:
                 continue
-            strong, weak = _references(part, oid, data)
-            prefix = part.prefix
-            for ref in strong:
-                key = as_int(ref, 'big')
-                if ref[0] != prefix:
-                    own.insert(key)             # its stub in this child
-                home = by_prefix.get(ref[0])
-                if home is None or key not in keep[home]:
-                    todo.append(ref)
-            for ref in weak:
-                if ref[0] != prefix:
-                    weak_stubs[part].insert(as_int(ref, 'big'))
+            follow(part, oid, data)
         shown.update(marked % 1000)
     finally:
         shown.close()

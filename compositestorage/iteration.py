@@ -73,11 +73,13 @@ class CompositeIterator:
                 close()
 
     def _stream(self, index, part, it):
+        overlay = self._storage.overlay_parts.get(part.prefix)
         for txn in it:
             if is_internal_transaction(txn.extension):
                 continue
             # Read the records now: the child's iterator moves on.
-            records = [r for r in txn if not is_internal(r.oid, part.prefix)]
+            records = [r for r in txn if not is_internal(r.oid, part.prefix)
+                       or overlay is not None and overlay.shows(r.oid, r.data)]
             yield txn.tid, index, part, txn, records
 
     def _merge(self):
@@ -94,12 +96,21 @@ class CompositeIterator:
         self.close()
 
     def _transaction(self, group):
-        from_child = self._storage.from_child
+        storage = self._storage
+        from_child = storage.from_child
         records = []
+        merged = set()
         for tid, _, part, txn, child_records in group:
             for r in child_records:
-                records.append(DataRecord(
-                    r.oid, r.tid, from_child(part, r.data), r.data_txn))
+                overlay = storage.overlay_of(r.oid)
+                if overlay is None:
+                    records.append(DataRecord(
+                        r.oid, r.tid, from_child(part, r.data), r.data_txn))
+                elif r.oid not in merged:
+                    # both parts of an overlaid object: one record, merged
+                    merged.add(r.oid)
+                    records.append(DataRecord(
+                        r.oid, r.tid, overlay.data_at(r.oid, tid), None))
         first = group[0][3]
         return CompositeTransaction(
             first.tid, first.status, first.user, first.description,
@@ -182,9 +193,10 @@ def record_iternext(storage, next=None):
             raise ValueError('no more records')
         index, _, (oid, tid, data, after) = found[:3]
         part = storage.partitions[index]
-        if tid > storage.visible_tid():
+        if tid > storage.visible_tid() or storage.overlay_of(oid):
             # a transaction that is finishing, or that this composite
-            # does not see: its state before, or no such object yet
+            # does not see: its state before, or no such object yet;
+            # an overlaid object: both parts, merged
             r = storage.loadBefore(oid, storage.visible_limit())
             record = None if r is None else (r[0], r[1])
         else:
@@ -212,13 +224,16 @@ def tid_of(transaction_id):
     return base64.decodebytes(transaction_id + b'\n')
 
 
-def _touched(part, tid):
+def _touched(storage, part, tid):
     """Whether ``part``'s child holds visible records of transaction tid."""
     it = part.storage.iterator(tid, tid)
     try:
+        overlay = storage.overlay_parts.get(part.prefix)
         for txn in it:
             if txn.tid == tid:
-                return any(not is_internal(r.oid, part.prefix) for r in txn)
+                return any(not is_internal(r.oid, part.prefix) or
+                           overlay is not None and overlay.shows(r.oid, r.data)
+                           for r in txn)
         return False
     finally:
         close = getattr(it, 'close', None)
@@ -238,12 +253,15 @@ def undo(storage, transaction_id, transaction):
     tid = tid_of(transaction_id)
     oids = []
     for part in storage.partitions:
-        if not _touched(part, tid):
+        if not _touched(storage, part, tid):
             continue
         txn = coordinator.begin(state, part)
         _, child_oids = part.storage.undo(transaction_id, txn)
+        overlay = storage.overlay_parts.get(part.prefix)
         for oid in child_oids:
-            if is_internal(oid, part.prefix):
+            if overlay is not None and overlay.undone(oid, tid):
+                oids.append(oid)
+            elif is_internal(oid, part.prefix):
                 data, serial = part.storage.load(oid)
                 part.storage.store(oid, serial, data, '', txn)
             else:

@@ -40,6 +40,7 @@ from compositestorage.errors import WritesRefusedError
 from compositestorage.journal import decode
 from compositestorage.journal import lock_writer
 from compositestorage.journal import open_journal
+from compositestorage.overlay import make_overlays
 from compositestorage.errors import oid_hex
 from compositestorage.partition import MAP_SUFFIX
 from compositestorage.interfaces import ICompositeStorage
@@ -81,7 +82,7 @@ class CompositeStorage(blobs.BlobMethods):
 
     def __init__(self, partitions, name=None, placement='default',
                  default_partition=None, read_only=False, pack_gc=True,
-                 journal=None, journal_seen=None):
+                 journal=None, journal_seen=None, overlays=None):
         check_layout([
             (p.name, p.prefix, p.storage, storage_identity(p.storage))
             if isinstance(p, Partition) else
@@ -118,6 +119,15 @@ class CompositeStorage(blobs.BlobMethods):
             self._finish_lock = threading.RLock()
             self._coordinator = Coordinator(self)
             self._policy = make_policy(placement, self)
+            #: base prefix -> Overlay; the overlaid bases leave the fast
+            #: paths' tables, so other partitions pay nothing for them
+            self._overlays = make_overlays(self, overlays)
+            #: overlay prefix -> Overlay
+            self.overlay_parts = {o.part.prefix: o
+                                  for o in self._overlays.values()}
+            for prefix in self._overlays:
+                self._load_before.pop(prefix)
+                self._writable_by_prefix.pop(prefix, None)
             for p in self.partitions:
                 resolve = getattr(p.storage, 'tryToResolveConflict', None)
                 if resolve is not None:
@@ -470,8 +480,21 @@ class CompositeStorage(blobs.BlobMethods):
 
     # --- reading ----------------------------------------------------------------
 
+    def overlay_of(self, oid):
+        """The :class:`~compositestorage.overlay.Overlay` of ``oid``'s
+        home partition, or ``None``."""
+        try:
+            return self._overlays.get(oid[0])
+        except (IndexError, TypeError):
+            return None
+
     def load(self, oid, version=''):
         part = self._home(oid)
+        if oid[0] in self._overlays:
+            r = self.loadBefore(oid, self._visible_limit)
+            if r is None:
+                raise POSException.POSKeyError(oid)
+            return r[0], r[1]
         data, serial = part.storage.load(oid)
         if serial > self._visible_tid:
             # A commit is finishing: answer from the last finished snapshot.
@@ -491,6 +514,12 @@ class CompositeStorage(blobs.BlobMethods):
             load_before = self._load_before[oid[0]]
         except (KeyError, IndexError, TypeError):
             load_before = self._home(oid).storage.loadBefore
+            overlay = self.overlay_of(oid)
+            if overlay is not None:
+                r = overlay.load_before(oid, tid)
+                if r is not None and r[2] is not None and r[2] >= limit:
+                    r = r[0], r[1], None
+                return r
         if oid[-1] == 255 and oid[1:] == MAP_SUFFIX:
             raise POSException.POSKeyError(oid)
         r = load_before(oid, tid)
@@ -508,10 +537,15 @@ class CompositeStorage(blobs.BlobMethods):
         part = self._home(oid)
         if serial > self._visible_tid:
             raise POSException.POSKeyError(oid, serial)
+        overlay = self.overlay_of(oid)
+        if overlay is not None:
+            return overlay.load_serial(oid, serial)
         return self.from_child(part, part.storage.loadSerial(oid, serial))
 
     def getTid(self, oid):
         part = self._home(oid)
+        if self.overlay_of(oid) is not None:
+            return self.load(oid)[1]
         tid = part.storage.getTid(oid)
         if tid > self._visible_tid:
             r = self.loadBefore(oid, self._visible_limit)
@@ -524,6 +558,9 @@ class CompositeStorage(blobs.BlobMethods):
         """The child's history of ``oid``, without revisions the composite
         does not see yet."""
         part = self._home(oid)
+        overlay = self.overlay_of(oid)
+        if overlay is not None:
+            return overlay.history(oid, size, self._visible_tid)
         visible = self._visible_tid
         want = size
         while True:
@@ -573,6 +610,9 @@ class CompositeStorage(blobs.BlobMethods):
                 or oid[-1] == 255 and oid[1:] == MAP_SUFFIX):
             if version:
                 raise POSException.Unsupported("Versions aren't supported")
+            overlay = self.overlay_of(oid)
+            if overlay is not None and oid[1:] != MAP_SUFFIX:
+                return overlay.store(oid, serial, data, transaction)
             state, part = self._writable(oid, transaction, 'store')
         if serial == z64 or serial is None:
             state.new_data[oid] = data

@@ -65,6 +65,10 @@ def stub_record(home, klass):
     return f.getvalue()
 
 
+#: How an overlay record begins (see compositestorage.overlay).
+OVERLAY_MARK = b'\x80\x03ccompositestorage.overlay\nOverlayRecord\n'
+
+
 class WrongClass(Exception):
     """An internal record holds a class other than the one expected."""
 
@@ -102,6 +106,14 @@ def read_stub(data, partition, oid):
     Raises :class:`CorruptStubError`, naming the partition and the oid, for
     anything else.
     """
+    if data[:len(OVERLAY_MARK)] == OVERLAY_MARK:
+        # An overlay record is its object's stub in that child too.
+        from compositestorage.overlay import read_overlay_meta
+        try:
+            return read_overlay_meta(data)
+        except Exception as e:
+            raise CorruptStubError(
+                partition, oid, 'unreadable overlay record (%s)' % e)
     try:
         state = load_internal_record(data, PartitionStub)
     except WrongClass as e:

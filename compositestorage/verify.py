@@ -183,14 +183,19 @@ def verify(storage, progress=None):
     stubs = {}          # prefix -> fsIndex: foreign oid -> 1 if stub is sound
     unwritten = set()   # prefixes of children that hold no record yet
     total = estimate(storage)
+    overlay_parts = getattr(storage, 'overlay_parts', {})
+    overlaid = {}       # prefix -> fsIndex: the overlay records it holds
 
     shown = progress('verify: records', total, 'records')
     try:
         for part in partitions:
             own[part.prefix] = mine = fsIndex()
             stubs[part.prefix] = foreign = fsIndex()
-            n_own = n_stubs = n_internal = 0
-            for oid, _, data in current_records(part.base, part.child.skips_deleted):
+            n_own = n_stubs = n_internal = n_overlays = 0
+            overlaid[part.prefix] = records = fsIndex()
+            overlay = overlay_parts.get(part.prefix)
+            for oid, _, data in current_records(part.base,
+                                                part.child.skips_deleted):
                 shown.update(1)
                 if oid[0] == part.prefix:
                     if is_internal(oid, part.prefix):
@@ -198,6 +203,10 @@ def verify(storage, progress=None):
                         continue
                     mine[oid] = 1
                     n_own += 1
+                elif overlay is not None and overlay.shows(oid, data):
+                    n_overlays += 1     # its object's stub here too
+                    records[oid] = 1
+                    foreign[oid] = 1
                 else:
                     n_stubs += 1
                     found = list(_check_stub_record(part, oid, data,
@@ -205,7 +214,9 @@ def verify(storage, progress=None):
                     problems.extend(found)
                     foreign[oid] = 0 if found else 1
             counts[part.name] = {'objects': n_own, 'stubs': n_stubs}
-            if not (n_own or n_stubs or n_internal):
+            if overlay is not None:
+                counts[part.name]['overlays'] = n_overlays
+            if not (n_own or n_stubs or n_internal or n_overlays):
                 unwritten.add(part.prefix)
     finally:
         shown.close()
@@ -215,7 +226,8 @@ def verify(storage, progress=None):
         for part in partitions:
             problems.extend(_check_references(
                 part, by_prefix, own, stubs, shown,
-                unwritten=part.prefix in unwritten))
+                unwritten=part.prefix in unwritten,
+                overlaid=overlaid[part.prefix]))
     finally:
         shown.close()
     problems.extend(_check_maps(storage, unwritten))
@@ -261,13 +273,25 @@ def check_spans(partitions, packed_to=z64):
     return problems
 
 
-def _check_references(part, by_prefix, own, stubs, shown, unwritten=False):
+def _check_references(part, by_prefix, own, stubs, shown, unwritten=False,
+                      overlaid=()):
+    """``overlaid``: the overlay records ``part`` holds; each needs its
+    object in the home partition, and what it refers to is checked as an
+    object's references are."""
     prefix = part.prefix
     foreign = stubs[prefix]
     referred = fsIndex()
-    for referrer, _, data in current_records(part.base, part.child.skips_deleted):
+    for referrer, _, data in current_records(part.base,
+                                             part.child.skips_deleted):
         shown.update(1)
-        if is_internal(referrer, prefix):
+        if referrer in overlaid:
+            referred[referrer] = 1  # kept by its object, not by referrers
+            home = by_prefix[referrer[0]]
+            if referrer not in own[home.prefix]:
+                yield Problem('orphan-overlay', part.name, referrer, None,
+                              detail='%r holds no such object' % home.name,
+                              garbage=True)
+        elif is_internal(referrer, prefix):
             continue
         strong, weak = strong_and_weak_oids(data)
         for oid, is_weak in [(o, False) for o in strong] + \

@@ -63,3 +63,15 @@ def test_profile_prints_where_the_time_went(tmp_path):
         assert wl in proc.stdout
     assert 'function calls' in proc.stdout
     assert 'compositestorage' in proc.stdout     # the composite's own frames
+
+
+def test_overlay_read_ratio():
+    """``--overlay`` reads overlaid objects and objects stored whole, and
+    prints the ratio of the two."""
+    import re
+    proc = subprocess.run([sys.executable, BENCH, '--overlay', '-n', '50'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    m = re.search(r'overlay reads: 50 objects, stored whole [\d.]+ us each, '
+                  r'overlaid [\d.]+ us each: ([\d.]+)x', proc.stdout)
+    assert m and float(m.group(1)) > 0, proc.stdout

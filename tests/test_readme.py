@@ -48,7 +48,7 @@ EXAMPLES = examples()
 def test_the_readme_has_every_example():
     assert set(EXAMPLES) == {'zeo.conf', 'client.conf', 'zodb.conf',
                              'zope.conf', 'uri', 'python', 'keyed-import',
-                             'keyed-lookup'}
+                             'keyed-lookup', 'overlay-vendor', 'overlay-hot'}
 
 
 def test_quick_start_commands():
@@ -208,3 +208,21 @@ def test_keyed_import_and_lookup(var):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert os.path.getsize('var/people.fs') == size     # nothing written
+
+
+def test_overlay_vendor(var):
+    """A read-only vendor base with local attributes per site."""
+    exec(compile(EXAMPLES['overlay-vendor'], 'README.rst', 'exec'), {})
+    from ZODB.FileStorage import FileStorage
+    vendor = FileStorage('var/vendor.fs', read_only=True)
+    try:
+        records = [r.data for t in vendor.iterator() for r in t]
+        assert not any(b'hits' in data for data in records)
+    finally:
+        vendor.close()
+    assert os.path.getsize('var/local.fs') > 4
+
+
+def test_overlay_hot(var):
+    exec(compile(EXAMPLES['overlay-hot'], 'README.rst', 'exec'), {})
+    assert os.path.getsize('var/hot.fs') > os.path.getsize('var/main.fs')
