@@ -26,6 +26,7 @@ class PartitionSection:
         self.storage = section.storage
         self.overlay_of = section.overlay_of
         self.overlay_attributes = section.overlay_attributes
+        self.overlay_revalidate = section.overlay_revalidate
 
 
 class CompositeStorageConfig(BaseConfig):
@@ -68,8 +69,9 @@ class CompositeStorageConfig(BaseConfig):
 
 
 def overlays_of(sections):
-    """``{overlay name: (base name, rules)}`` of the sections that say
-    ``overlay-of``; both keys go together."""
+    """``{overlay name: (base name, rules, revalidate rules or None)}``
+    of the sections that say ``overlay-of``; both keys go together, and
+    ``overlay-revalidate`` needs them."""
     overlays = {}
     for s in sections:
         if bool(s.overlay_of) != bool(s.overlay_attributes):
@@ -78,8 +80,14 @@ def overlays_of(sections):
                 'together; give %s too' % (
                     s.name, 'overlay-attributes' if s.overlay_of
                     else 'overlay-of'))
+        if s.overlay_revalidate and not s.overlay_of:
+            raise ConfigurationError(
+                'partition %r: overlay-revalidate names attributes of the '
+                'base of an overlay, but the partition has no overlay-of; '
+                'give overlay-of and overlay-attributes too' % s.name)
         if s.overlay_of:
-            overlays[s.name] = (s.overlay_of.lower(), s.overlay_attributes)
+            overlays[s.name] = (s.overlay_of.lower(), s.overlay_attributes,
+                                s.overlay_revalidate)
     return overlays
 
 
@@ -121,7 +129,7 @@ def check_sections(sections, default_partition=None):
         layout.append((s.name, s.prefix, s.storage, key))
     check_layout(layout, default_partition)
     names = {s.name for s in sections}
-    for name, (base, _) in overlays_of(sections).items():
+    for name, (base, _, _) in overlays_of(sections).items():
         if base not in names:
             raise ConfigurationError(
                 'partition %r: overlay-of names %r, which is not a '

@@ -90,10 +90,13 @@ def is_overlay_record(data):
     return bool(data) and data.startswith(RECORD_CLASS)
 
 
-def overlay_record(home, klass, attributes, slots):
+def overlay_record(home, klass, attributes, slots, copies=None,
+                   base_serial=None):
     """The record O's child holds for an object of class ``klass`` whose
     home is partition ``home``: ``attributes`` and ``slots`` are dicts of
-    stand-ins.
+    stand-ins.  With ``overlay-revalidate``, ``copies`` are the values of
+    the home's attributes it names, as of the home's record
+    ``base_serial``.
 
     Its state pickle has a fixed layout: ``layout`` (the lengths of the
     three parts that follow), the stub's fields, then ``dict`` and
@@ -101,7 +104,10 @@ def overlay_record(home, klass, attributes, slots):
     and spliced into another pickle (:func:`parts_of`).
     """
     module, name = klass if klass else (None, None)
-    meta = dumps_items([('home', home), ('module', module), ('name', name)])
+    fields = [('home', home), ('module', module), ('name', name)]
+    if copies is not None:
+        fields += [('copies', copies), ('base_serial', base_serial)]
+    meta = dumps_items(fields)
     d = dumps_items(attributes.items())
     s = dumps_items(slots.items())
     return b''.join((
@@ -145,6 +151,14 @@ def _attributes_of(data):
     return state['dict'], state['slots']
 
 
+def copies_of(data):
+    """``(copies, base_serial)`` of an overlay record: the home's values
+    it holds copies of, and the home's serial they were taken at
+    (``({}, None)`` for a record written without ``overlay-revalidate``)."""
+    state = loads_record(data)[1]
+    return state.get('copies') or {}, state.get('base_serial')
+
+
 class Rules:
     """Which attributes an overlay keeps: ``overlay-attributes``.
 
@@ -154,12 +168,12 @@ class Rules:
     imported.
     """
 
-    def __init__(self, spec):
+    def __init__(self, spec, key='overlay-attributes'):
         words = spec.split() if isinstance(spec, str) else list(spec)
         if not words:
             raise ConfigurationError(
-                'overlay-attributes names no attribute; give names or '
-                'patterns, such as "hits last_seen workflow_*"')
+                '%s names no attribute; give names or patterns, such as '
+                '"hits last_seen workflow_*"' % key)
         self.spec = ' '.join(words)
         self._every = []
         self._per_class = {}
@@ -167,8 +181,8 @@ class Rules:
             klass, sep, pattern = word.rpartition(':')
             if sep and (not klass or not pattern):
                 raise ConfigurationError(
-                    'overlay-attributes: %r is neither a pattern nor '
-                    'dotted.Class:pattern' % word)
+                    '%s: %r is neither a pattern nor '
+                    'dotted.Class:pattern' % (key, word))
             (self._per_class.setdefault(klass, []) if sep
              else self._every).append(pattern)
         self._matchers = {}
@@ -207,6 +221,12 @@ class Rules:
             (overlay if isinstance(name, str) and match(name)
              else home)[name] = value
         return home, overlay
+
+    def pick(self, dotted, *dicts):
+        """The items of ``dicts`` whose names these rules match."""
+        match = self.matcher(dotted)
+        return {name: value for d in dicts for name, value in d.items()
+                if isinstance(name, str) and match(name)}
 
 
 def _dotted(klass):
@@ -247,11 +267,14 @@ class Overlay:
     """Partition ``part`` keeping, by ``rules``, part of the state of the
     objects whose home is ``base``."""
 
-    def __init__(self, storage, part, base, rules):
+    def __init__(self, storage, part, base, rules, copies=None):
         self.storage = storage
         self.part = part
         self.base = base
         self.rules = rules
+        #: ``overlay-revalidate``: which of the home's attributes the
+        #: overlay's records keep copies of, or ``None``
+        self.copies = copies
 
     def __repr__(self):
         return '<Overlay %s of %s: %s>' % (self.part.name, self.base.name,
@@ -421,8 +444,28 @@ class Overlay:
             record = data if not new_od and not new_os else dumps_record(
                 meta, build_state(kind, new_bd, new_bs))
             self._store_child(state, base, oid, base_serial, record)
-        if o_changed or not write_base:
-            record = overlay_record(base.name, klass, new_od, new_os)
+        write_over = o_changed or not write_base
+        copies = copied_at = None
+        if self.copies is not None:
+            copies = self.copies.pick(dotted, new_bd, new_bs)
+            copied_at = state.tid if write_base else base_serial
+            if not write_base:
+                copies, copied_at = self._revalidated(
+                    oid, dotted, copies, copied_at)
+            if not write_over:
+                # The home's part changed: refresh the copies of an
+                # overlay record that holds other ones, on top of its
+                # current record (a concurrent change to the overlay's own
+                # attributes is kept, see _old_parts).
+                current = self._current_record(oid)
+                if current is not None and copies_of(current[0])[0] != \
+                        copies:
+                    write_over = True
+                    over_serial = current[1]
+                    new_od, new_os = _attributes_of(current[0])
+        if write_over:
+            record = overlay_record(base.name, klass, new_od, new_os,
+                                    copies, copied_at)
             state.overlay_records.add((part.prefix, oid))
             self._store_child(state, part, oid, over_serial, record)
 
@@ -474,8 +517,41 @@ class Overlay:
             if not is_overlay_record(data):
                 # a stub written since: an overlay record replaces it
                 over_serial = current
+            elif self.copies is not None and _attributes_of(
+                    self.storage.from_child(part, data)) == (od, os_):
+                # only the copies were refreshed since: not a conflict
+                # with a change to the overlay's own attributes
+                over_serial = current
         return (kind, bd, bs, over_d, over_s, od, os_, base_serial,
                 over_serial)
+
+    def _current_record(self, oid):
+        """``(data in composite form, serial)`` of ``oid``'s current
+        overlay record, or ``None``."""
+        try:
+            data, serial = self.part.storage.load(oid)
+        except POSKeyError:
+            return None
+        if not is_overlay_record(data):
+            return None
+        return self.storage.from_child(self.part, data), serial
+
+    def _revalidated(self, oid, dotted, copies, copied_at):
+        """``copies`` taken from the home's record ``copied_at`` (as ZODB
+        read it), checked against the home's current record: when the
+        home's serial moved since, its current values, and its serial."""
+        now = self.base.current_serial(oid)
+        if now is None or now == copied_at:
+            return copies, copied_at
+        try:
+            data = self.base.storage.load(oid)[0]
+        except POSKeyError:
+            return copies, copied_at
+        parts = state_parts(self._read(
+            self.base, oid, self.storage.from_child(self.base, data))[1])
+        if parts is None:
+            return copies, copied_at
+        return self.copies.pick(dotted, parts[0], parts[1]), now
 
     def _check_writable_base(self, oid, klass, names):
         base = self.base
@@ -504,10 +580,11 @@ class Overlay:
 
 def make_overlays(storage, overlays):
     """``{base prefix: Overlay}`` for ``overlays``, ``{overlay partition
-    name: (base partition name, attribute rules)}``, checked against the
-    storage's partitions."""
+    name: (base partition name, attribute rules[, revalidate rules])}``,
+    checked against the storage's partitions."""
     found = {}
-    for name, (base_name, spec) in sorted((overlays or {}).items()):
+    for name, spec in sorted((overlays or {}).items()):
+        base_name, spec, copies = (tuple(spec) + (None,))[:3]
         part = storage.partition_named(name)
         base = storage.partition_named(base_name)
         if base is part:
@@ -529,7 +606,9 @@ def make_overlays(storage, overlays):
                 % (name, base_name))
         try:
             rules = Rules(spec)
+            if copies is not None:
+                copies = Rules(copies, 'overlay-revalidate')
         except ConfigurationError as e:
             raise ConfigurationError('partition %r: %s' % (name, e))
-        found[base.prefix] = Overlay(storage, part, base, rules)
+        found[base.prefix] = Overlay(storage, part, base, rules, copies)
     return found

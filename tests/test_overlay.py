@@ -529,3 +529,145 @@ def test_verify_counts_overlay_records_and_finds_no_problem(overlaid):
     problems, counts = verify(storage)
     assert [str(p) for p in problems] == []
     assert counts['local'] == {'objects': 0, 'stubs': 2, 'overlays': 2}
+
+
+# --- copies and re-validation (overlay-revalidate) ----------------------------
+
+COPIED = {'local': ('main', RULES, 'title uid')}
+
+
+def _copies(path, oid):
+    """``(copies, base_serial, dict)`` of the overlay record at ``oid`` in
+    the child file at ``path``, read by a plain ZODB unpickler."""
+    state = unpickle_record(child_records(path)[oid])[1]
+    return state.get('copies'), state.get('base_serial'), state['dict']
+
+
+def _main_tid(paths, oid):
+    fs = FileStorage(paths['main'], read_only=True)
+    try:
+        return fs.getTid(oid)
+    finally:
+        fs.close()
+
+
+def test_copies_follow_a_change_of_the_home(tmp_path, closing):
+    """A change to a copied attribute writes the home and refreshes the
+    overlay record's copy in the same transaction; a concurrent change to
+    the overlay's own attributes is kept, not a conflict."""
+    db, storage, paths = open_overlaid(tmp_path, closing)
+    db.close()
+    storage.close()
+    storage = open_composite(paths, PARTS, overlays=COPIED)
+    closing(storage)
+    db = ZODB.DB(storage)
+    closing(db)
+    oid = add_page(db, title='Home', uid='u1', hits=1)
+    copies, at, own = _copies(paths['local'], oid)
+    assert copies == {'title': 'Home', 'uid': 'u1'} and own == {'hits': 1}
+    assert at == _main_tid(paths, oid)
+    tm1, tm2 = new_tm(), new_tm()
+    c1, c2 = db.open(tm1), db.open(tm2)
+    c1.root()['page'].uid = 'u2'        # the home's part, copied
+    c2.root()['page'].hits = 2          # the overlay's own part
+    tm1.commit()
+    copies, at, own = _copies(paths['local'], oid)
+    assert copies == {'title': 'Home', 'uid': 'u2'} and own == {'hits': 1}
+    assert at == _main_tid(paths, oid)
+    tm2.commit()                        # no ConflictError
+    c1.close()
+    c2.close()
+    copies, at, own = _copies(paths['local'], oid)
+    assert copies == {'title': 'Home', 'uid': 'u2'} and own == {'hits': 2}
+    # the home keeps the copied attributes: they are its own
+    klass, state = unpickle_record(child_records(paths['main'])[oid])
+    assert state == {'title': 'Home', 'uid': 'u2'}
+    conn = db.open()
+    page = conn.root()['page']
+    assert (page.title, page.uid, page.hits) == ('Home', 'u2', 2)
+    conn.close()
+
+
+def test_copies_are_revalidated_when_the_home_moved_elsewhere(
+        tmp_path, closing):
+    """The home changed behind the composite (a vendor ships a new base):
+    a load shows the home's value; the next commit that writes the
+    overlay's part finds the home's serial moved, checks the copies and
+    updates them."""
+    paths = paths_for(tmp_path, PARTS)
+    storage = open_composite(paths, PARTS, overlays=COPIED)
+    db = ZODB.DB(storage)
+    oid = add_page(db, title='Home', uid='u1', hits=1)
+    db.close()
+    # the base changes on its own, its serial moves
+    fs = FileStorage(paths['main'])
+    base_db = ZODB.DB(fs)
+    conn = base_db.open()
+    conn.root()['page'].uid = 'u9'
+    transaction.commit()
+    base_db.close()
+    copies, at, own = _copies(paths['local'], oid)
+    assert copies['uid'] == 'u1' and at != _main_tid(paths, oid)
+    storage = open_composite(paths, PARTS, overlays=COPIED,
+                             read_only_children=('main',))
+    closing(storage)
+    db = ZODB.DB(storage)
+    closing(db)
+    conn = db.open()
+    page = conn.root()['page']
+    assert (page.uid, page.hits) == ('u9', 1)     # the home's value
+    page.hits += 1
+    transaction.commit()
+    conn.close()
+    copies, at, own = _copies(paths['local'], oid)
+    assert copies == {'title': 'Home', 'uid': 'u9'} and own == {'hits': 2}
+    assert at == _main_tid(paths, oid)
+
+
+def test_a_commit_begun_before_the_home_moved_revalidates(overlaid, closing,
+                                                          tmp_path):
+    """A connection that read the object before a change to a copied
+    attribute, and changes only the overlay's part, writes the home's
+    current copies, not the ones it read."""
+    db, storage, paths = overlaid
+    db.close()
+    storage.close()
+    storage = open_composite(paths, PARTS, overlays=COPIED)
+    closing(storage)
+    db = ZODB.DB(storage)
+    closing(db)
+    oid = add_page(db, title='Home', uid='u1', hits=1)
+    tm1, tm2 = new_tm(), new_tm()
+    c1, c2 = db.open(tm1), db.open(tm2)
+    c2.root()['page'].hits = 5          # read before the home moved
+    fs_main = storage.partition_named('main').storage
+    c1.root()['page'].title = 'New'
+    tm1.commit()
+    tm2.commit()
+    copies, at, own = _copies(paths['local'], oid)
+    assert copies == {'title': 'New', 'uid': 'u1'} and own == {'hits': 5}
+    assert at == fs_main.getTid(oid)
+    c1.close()
+    c2.close()
+
+
+def test_overlay_revalidate_in_a_config(tmp_path):
+    from compositestorage.errors import ConfigurationError
+    from conftest import composite_xml
+    from conftest import partition_xml
+    import ZODB.config
+    main = partition_xml('main', 0, str(tmp_path / 'main.fs'))
+    local = partition_xml(
+        'local', 1, str(tmp_path / 'local.fs'),
+        'overlay-of main\n    overlay-attributes hits\n'
+        '    overlay-revalidate title')
+    storage = ZODB.config.storageFromString(composite_xml([main, local]))
+    try:
+        assert storage.overlay_of(b'\0' * 8).copies.spec == 'title'
+    finally:
+        storage.close()
+    lone = partition_xml('local', 1, str(tmp_path / 'l2.fs'),
+                         'overlay-revalidate title')
+    with pytest.raises(ConfigurationError) as e:
+        ZODB.config.storageFromString(composite_xml([main, lone]))
+    assert 'overlay-revalidate' in str(e.value) and "'local'" in str(e.value)
