@@ -2,7 +2,9 @@
 
 ``stats(storage)`` walks every current record of every partition once and
 returns, for each partition, its object count and bytes, its stub count,
-and its top classes by count and by bytes; and the cross-partition
+its overlay record count (an overlay partition's records of its base's
+objects, counted apart from stubs; ``overlay_of`` names the base), and its
+top classes by count and by bytes; and the cross-partition
 references as a matrix: how many references from objects in one partition
 to objects in each other partition.  Memory is a counter per class, not
 per object.
@@ -29,10 +31,11 @@ from compositestorage.verify import served_records
 
 class _Tally:
 
-    def __init__(self, names, top, stubs_known=True):
+    def __init__(self, names, top, stubs_known=True, bases=None):
         self.names = dict(names)        # prefix -> partition name
         self.top = top
         self.stubs_known = stubs_known
+        self.bases = bases or {}        # overlay prefix -> base name
         self.rows = {}
         self.edges = collections.defaultdict(collections.Counter)
         for prefix in self.names:
@@ -45,12 +48,16 @@ class _Tally:
             row = self.rows[prefix] = {
                 'objects': 0, 'bytes': 0,
                 'stubs': 0 if self.stubs_known else None,
+                'overlays': 0 if self.stubs_known else None,
                 'count': collections.Counter(),
                 'size': collections.Counter()}
         return row
 
     def stub(self, prefix):
         self.rows[prefix]['stubs'] += 1
+
+    def overlay(self, prefix):
+        self.rows[prefix]['overlays'] += 1
 
     def record(self, oid, data):
         prefix = oid[0]
@@ -79,6 +86,8 @@ class _Tally:
             partitions[names[prefix]] = {
                 'prefix': prefix, 'objects': row['objects'],
                 'bytes': row['bytes'], 'stubs': row['stubs'],
+                'overlays': row['overlays'],
+                'overlay_of': self.bases.get(prefix),
                 'top_by_count': row['count'].most_common(self.top),
                 'top_by_bytes': row['size'].most_common(self.top)}
         edges = {names[p]: {names[q]: self.edges[p][q]
@@ -89,13 +98,20 @@ class _Tally:
 
 def stats(storage, top=10, progress=None):
     """The report of a composite opened here (its children readable)."""
-    tally = _Tally({p.prefix: p.name for p in storage.partitions}, top)
+    overlays = getattr(storage, 'overlay_parts', {})
+    tally = _Tally({p.prefix: p.name for p in storage.partitions}, top,
+                   bases={prefix: o.base.name
+                          for prefix, o in overlays.items()})
     shown = (progress or quiet)('stats', estimate(storage), 'records')
     try:
         for part in storage.partitions:
-            for oid, _, data in current_records(part.base, part.child.skips_deleted):
+            overlay = overlays.get(part.prefix)
+            for oid, _, data in current_records(part.base,
+                                                part.child.skips_deleted):
                 shown.update(1)
-                if oid[0] != part.prefix:
+                if overlay is not None and overlay.shows(oid, data):
+                    tally.overlay(part.prefix)
+                elif oid[0] != part.prefix:
                     tally.stub(part.prefix)
                 elif not is_internal(oid, part.prefix):
                     tally.record(oid, data)
@@ -123,10 +139,13 @@ def format_stats(report):
         # through ZEO a partition is known by its prefix only
         label = name if name == served_name(p['prefix']) else \
             '%s (prefix %d)' % (name, p['prefix'])
-        lines.append('%s: %d objects, %d bytes, %s' % (
+        lines.append('%s: %d objects, %d bytes, %s%s' % (
             label, p['objects'], p['bytes'],
             'stubs not known through ZEO' if p['stubs'] is None
-            else '%d stubs' % p['stubs']))
+            else '%d stubs' % p['stubs'],
+            '' if not p.get('overlay_of') else
+            ', %d overlay records (overlay of %s)' % (p['overlays'],
+                                                      p['overlay_of'])))
         for key, title in (('top_by_count', 'by count'),
                            ('top_by_bytes', 'by bytes')):
             if p[key]:

@@ -671,3 +671,50 @@ def test_overlay_revalidate_in_a_config(tmp_path):
     with pytest.raises(ConfigurationError) as e:
         ZODB.config.storageFromString(composite_xml([main, lone]))
     assert 'overlay-revalidate' in str(e.value) and "'local'" in str(e.value)
+
+
+def test_stats_counts_overlay_records_apart_from_stubs(tmp_path, closing):
+    import json
+    import subprocess
+    import sys
+    from compositestorage.stats import format_stats
+    from compositestorage.stats import stats
+    from conftest import composite_xml
+    from conftest import partition_xml
+    paths = paths_for(tmp_path, PARTS)
+    config = tmp_path / 'overlaid.conf'
+    config.write_text(composite_xml([
+        partition_xml('main', 0, paths['main']),
+        partition_xml('local', 1, paths['local'],
+                      'overlay-of main\n    overlay-attributes %s' % RULES)]))
+    import ZODB.config
+    storage = ZODB.config.storageFromFile(open(str(config)))
+    db = ZODB.DB(storage)
+    conn = db.open()
+    root = conn.root()
+    root['a'], root['b'], root['c'] = Page(), Page(), Page()
+    root['a'].hits = root['b'].hits = 1
+    root['b'].last_seen = Page()    # a stub in the overlay's child
+    transaction.commit()
+    report = stats(storage)
+    db.close()
+    local, main = report['partitions']['local'], report['partitions']['main']
+    assert (local['overlays'], local['stubs'], local['objects']) == (2, 2, 0)
+    assert local['overlay_of'] == 'main'
+    assert (main['overlays'], main['overlay_of']) == (0, None)
+    assert main['objects'] == 5
+    text = format_stats(report)
+    assert 'local (prefix 1): 0 objects, 0 bytes, 2 stubs, 2 overlay ' \
+        'records (overlay of main)' in text
+    assert 'main (prefix 0): 5 objects' in text and 'overlay of' not in \
+        text.split('\n')[0]
+    proc = subprocess.run(
+        [sys.executable, '-m', 'compositestorage', 'stats', str(config),
+         '--json'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    shown = json.loads(proc.stdout)['partitions']['local']
+    assert (shown['overlays'], shown['stubs']) == (2, 2)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'compositestorage', 'stats', str(config)],
+        capture_output=True, text=True, timeout=120)
+    assert '2 stubs, 2 overlay records (overlay of main)' in proc.stdout
