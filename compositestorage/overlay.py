@@ -32,6 +32,7 @@ import re
 import struct
 
 from ZODB.POSException import POSKeyError
+from ZODB.POSException import ReadConflictError
 from ZODB.POSException import ReadOnlyError
 from ZODB.utils import p64
 from ZODB.utils import u64
@@ -468,6 +469,29 @@ class Overlay:
                                     copies, copied_at)
             state.overlay_records.add((part.prefix, oid))
             self._store_child(state, part, oid, over_serial, record)
+
+    def check_current(self, oid, serial, state):
+        """``checkCurrentSerialInTransaction`` of an overlaid object.
+
+        ``serial`` is the newer of the two records ZODB read, and the
+        reader depended on both: each child is checked against its own
+        record as of ``serial``, so a change to either part since raises
+        ``ReadConflictError``, and an unchanged object passes whichever
+        part is newer."""
+        limit = p64(u64(serial) + 1)
+        for part in (self.base, self.part):
+            found = self._before(part, oid, limit)
+            if found is None:
+                current = part.current_serial(oid)
+                if current is not None:     # written since ZODB read
+                    raise ReadConflictError(oid=oid,
+                                            serials=(current, serial))
+                continue
+            if part.read_only:
+                part.check_current_serial(oid, found[1])
+                continue
+            txn = self.storage._coordinator.begin(state, part)
+            part.storage.checkCurrentSerialInTransaction(oid, found[1], txn)
 
     def _read(self, part, oid, data):
         try:

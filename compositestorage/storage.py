@@ -642,9 +642,14 @@ class CompositeStorage(blobs.BlobMethods):
 
     def checkCurrentSerialInTransaction(self, oid, serial, transaction):
         """A read-only partition is checked without beginning its child
-        (see :meth:`Partition.check_current_serial`)."""
+        (see :meth:`Partition.check_current_serial`); an overlaid object
+        in both its children (see :meth:`Overlay.check_current`)."""
         state = self._coordinator.current(transaction)
         part = self.partition_for(oid, 'check the serial of')
+        overlay = self.overlay_of(oid)
+        if overlay is not None:
+            overlay.check_current(oid, serial, state)
+            return
         if part.read_only:
             part.check_current_serial(oid, serial)
             return

@@ -718,3 +718,39 @@ def test_stats_counts_overlay_records_apart_from_stubs(tmp_path, closing):
         [sys.executable, '-m', 'compositestorage', 'stats', str(config)],
         capture_output=True, text=True, timeout=120)
     assert '2 stubs, 2 overlay records (overlay of main)' in proc.stdout
+
+
+# --- readCurrent (checkCurrentSerialInTransaction) ----------------------------
+
+@pytest.mark.parametrize('changed', ['home', 'overlay', None])
+@pytest.mark.parametrize('newer', ['home', 'overlay'])
+def test_read_current_of_an_overlaid_object(overlaid, changed, newer):
+    """A reader that depended on an overlaid object (``readCurrent``)
+    conflicts with a concurrent change to either part, and with none
+    when nothing changed, whichever part holds the newer record."""
+    from ZODB.POSException import ReadConflictError
+    db, storage, paths = overlaid
+    add_page(db, title='Home', hits=0)
+    conn = db.open()
+    setattr(conn.root()['page'], 'title' if newer == 'home' else 'hits', 1)
+    transaction.commit()
+    conn.close()
+    tm1, tm2 = new_tm(), new_tm()
+    c1, c2 = db.open(tm1), db.open(tm2)
+    page = c1.root()['page']
+    page.title                      # loaded by the reader
+    c1.readCurrent(page)
+    c1.root()['other'] = Page()     # the reader writes something else
+    if changed is not None:
+        setattr(c2.root()['page'], 'title' if changed == 'home' else 'hits',
+                2)
+        tm2.commit()
+    if changed is None:
+        tm1.commit()
+    else:
+        with pytest.raises(ReadConflictError) as e:
+            tm1.commit()
+        assert e.value.oid == page._p_oid
+        tm1.abort()
+    c1.close()
+    c2.close()
