@@ -68,10 +68,6 @@ class OverlayStateError(CompositeStorageError):
     """A state an overlay cannot split or merge."""
 
 
-class OverlayReadOnlyError(ReadOnlyError):
-    """A change to the part of an object its read-only home keeps."""
-
-
 def _class_pickle():
     import io
     f = io.BytesIO()
@@ -425,6 +421,7 @@ class Overlay:
         old = self._old_parts(oid, None if new_object else serial, dotted)
         (old_kind, old_bd, old_bs, base_over_d, base_over_s,
          old_od, old_os, base_serial, over_serial) = old
+        read_over_serial = state_over = over_serial
         b_changed = _changed(new_bd, old_bd) | _changed(new_bs, old_bs)
         if old_kind is not None and old_kind != kind:
             b_changed.add('(its state layout)')
@@ -462,13 +459,21 @@ class Overlay:
                 if current is not None and copies_of(current[0])[0] != \
                         copies:
                     write_over = True
-                    over_serial = current[1]
+                    over_serial = state_over = current[1]
                     new_od, new_os = _attributes_of(current[0])
         if write_over:
             record = overlay_record(base.name, klass, new_od, new_os,
                                     copies, copied_at)
             state.overlay_records.add((part.prefix, oid))
             self._store_child(state, part, oid, over_serial, record)
+        if not new_object and self._moved(
+                oid, None if write_base else base_serial,
+                None if write_over and state_over == read_over_serial
+                else read_over_serial):
+            # What ZODB holds of the object is not what it will load: a
+            # part it did not write changed since it read it.  Told as a
+            # resolved conflict, ZODB (and a ZEO client's cache) drops it.
+            state.resolved.add(oid)
 
     def check_current(self, oid, serial, state):
         """``checkCurrentSerialInTransaction`` of an overlaid object.
@@ -549,6 +554,16 @@ class Overlay:
         return (kind, bd, bs, over_d, over_s, od, os_, base_serial,
                 over_serial)
 
+    def _moved(self, oid, base_serial, over_serial):
+        """Whether the home's record is no longer ``base_serial`` or the
+        overlay's no longer ``over_serial`` (``None``: not asked)."""
+        for part, serial in ((self.base, base_serial),
+                             (self.part, over_serial)):
+            if serial is not None and \
+                    (part.current_serial(oid) or z64) != serial:
+                return True
+        return False
+
     def _current_record(self, oid):
         """``(data in composite form, serial)`` of ``oid``'s current
         overlay record, or ``None``."""
@@ -581,7 +596,9 @@ class Overlay:
         base = self.base
         if not base.read_only:
             return
-        raise OverlayReadOnlyError(
+        # ZODB's own class: a ZEO client rebuilds only those, and would
+        # see a subclass as a ServerException
+        raise ReadOnlyError(
             'partition %r is read-only: oid %s (%s) changes %s, which '
             'overlay %r does not keep (overlay-attributes %s); nothing was '
             'written.  Add %s to overlay-attributes of %r, or open %r '

@@ -327,6 +327,10 @@ def test_two_connections_change_the_two_parts_at_once(overlaid, newer,
     p2.hits = 42                    # the overlay's part
     for tm in ((tm1, tm2) if first == 'home' else (tm2, tm1)):
         tm.commit()                 # no ConflictError: both are kept
+    for tm, page in ((tm1, p1), (tm2, p2)):
+        # the committer's own copy does not keep the part it read
+        tm.begin()
+        assert (page.title, page.hits) == ('Changed by one', 42)
     c1.close()
     c2.close()
     conn = db.open()
@@ -754,3 +758,111 @@ def test_read_current_of_an_overlaid_object(overlaid, changed, newer):
         tm1.abort()
     c1.close()
     c2.close()
+
+
+# --- through ZEO --------------------------------------------------------------
+
+def _serve_overlaid(tmp_path, base_extra='', child_extra=''):
+    """A ZEO server of a composite whose ``local`` partition is the
+    overlay of ``main``: ``(address, stop)``."""
+    import ZEO
+    from conftest import composite_xml
+    main = '''
+  <partition main>
+    prefix 0
+    %s
+    <filestorage>
+      path %s
+      %s
+    </filestorage>
+  </partition>''' % (base_extra, tmp_path / 'main.fs', child_extra)
+    local = '''
+  <partition local>
+    prefix 1
+    overlay-of main
+    overlay-attributes %s
+    <filestorage>
+      path %s
+    </filestorage>
+  </partition>''' % (RULES, tmp_path / 'local.fs')
+    top = 'default-partition local' if child_extra else ''
+    return ZEO.server(storage_conf=composite_xml([main, local], top,
+                                                 section_name='1'))
+
+
+def test_two_zeo_clients_change_the_two_parts_at_once(tmp_path):
+    import ZEO
+    addr, stop = _serve_overlaid(tmp_path)
+    try:
+        dbs = [ZEO.DB(addr, server_sync=True) for _ in range(2)]
+        try:
+            add_page(dbs[0], title='Home', hits=0)
+            for round in range(3):
+                tm1, tm2 = new_tm(), new_tm()
+                c1, c2 = dbs[0].open(tm1), dbs[1].open(tm2)
+                tm1.begin()     # server_sync: each sees the last commit
+                tm2.begin()
+                p1, p2 = c1.root()['page'], c2.root()['page']
+                assert (p1.title, p1.hits) == (p2.title, p2.hits)
+                p1.title = 'Title %d' % round       # the home's part
+                p2.hits = p2.hits + 1               # the overlay's part
+                for tm in ((tm1, tm2) if round % 2 else (tm2, tm1)):
+                    tm.commit()                     # both are kept
+                for tm, page in ((tm1, p1), (tm2, p2)):
+                    # neither client's cache keeps the part it read
+                    tm.begin()
+                    assert (page.title, page.hits) == ('Title %d' % round,
+                                                       round + 1)
+                c1.close()
+                c2.close()
+            for db in dbs:
+                tm = new_tm()
+                conn = db.open(tm)
+                tm.begin()
+                page = conn.root()['page']
+                assert (page.title, page.hits) == ('Title 2', 3)
+                conn.close()
+        finally:
+            for db in dbs:
+                db.close()
+    finally:
+        stop()
+    local = states(str(tmp_path / 'local.fs'))
+    oid = [o for o, (k, s) in local.items()
+           if isinstance(s, dict) and s.get('dict')][0]
+    assert local[oid][1]['dict'] == {'hits': 3}
+    assert states(str(tmp_path / 'main.fs'))[oid][1] == {'title': 'Title 2'}
+
+
+def test_read_only_base_refusal_reaches_a_zeo_client(tmp_path):
+    import ZEO
+    paths = {'main': str(tmp_path / 'main.fs')}
+    storage = FileStorage(paths['main'])
+    db = ZODB.DB(storage)
+    add_page(db, title='Vendor page', hits=100)
+    db.close()
+    addr, stop = _serve_overlaid(tmp_path, child_extra='read-only true')
+    try:
+        db = ZEO.DB(addr, server_sync=True)
+        try:
+            conn = db.open()
+            page = conn.root()['page']
+            page.hits += 1              # the overlay's: kept
+            transaction.commit()
+            page.title = 'Changed'
+            page.author = 'me'
+            with pytest.raises(ReadOnlyError) as e:
+                transaction.commit()
+            transaction.abort()
+            message = str(e.value)
+            assert "'author', 'title'" in message
+            assert "partition 'main' is read-only" in message
+            conn.close()
+            conn = db.open()
+            page = conn.root()['page']
+            assert (page.title, page.hits) == ('Vendor page', 101)
+            conn.close()
+        finally:
+            db.close()
+    finally:
+        stop()
