@@ -259,7 +259,7 @@ def undo(storage, transaction_id, transaction):
         _, child_oids = part.storage.undo(transaction_id, txn)
         overlay = storage.overlay_parts.get(part.prefix)
         for oid in child_oids:
-            if overlay is not None and overlay.undone(oid, tid):
+            if overlay is not None and overlay.is_revision(oid, tid):
                 oids.append(oid)
             elif is_internal(oid, part.prefix):
                 data, serial = part.storage.load(oid)

@@ -319,9 +319,10 @@ class Overlay:
         found = self.load_before(oid, p64(u64(tid) + 1))
         return None if found is None else found[0]
 
-    def undone(self, oid, tid):
-        """Whether undoing ``tid`` in this overlay's child undid an overlay
-        record of ``oid`` (ZODB's to hear of), not a stub."""
+    def is_revision(self, oid, tid):
+        """Whether ``tid`` wrote an overlay record of ``oid`` in this
+        overlay's child (a revision of the object, ZODB's to hear of in
+        its history and undo), not a stub."""
         if oid[0] != self.base.prefix:
             return False
         try:
@@ -331,7 +332,8 @@ class Overlay:
 
     def history(self, oid, size, visible):
         """Both children's histories of ``oid``, newest first, one entry
-        a tid."""
+        a tid.  The overlay child's plain stub of the object (written when
+        a record there first referred to it) is no revision of it."""
         entries = {}
         for part in (self.part, self.base):
             try:
@@ -341,7 +343,9 @@ class Overlay:
                     raise
                 continue
             for entry in found:
-                if entry['tid'] <= visible:
+                if entry['tid'] <= visible and (
+                        part is self.base or
+                        self.is_revision(oid, entry['tid'])):
                     entries.setdefault(entry['tid'], entry)
         if not entries:
             raise POSKeyError(oid)

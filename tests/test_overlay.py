@@ -866,3 +866,32 @@ def test_read_only_base_refusal_reaches_a_zeo_client(tmp_path):
             db.close()
     finally:
         stop()
+
+
+def test_history_shows_no_stub_revision_of_the_overlay_child(overlaid):
+    """The overlay's child held a plain stub of the object (something
+    there referred to it) before its overlay record: that stub is not a
+    revision of the object."""
+    from persistent.mapping import PersistentMapping
+    from compositestorage import placement
+    db, storage, paths = overlaid
+    oid = add_page(db, title='a')
+    conn = db.open()
+    root = conn.root()
+    page = root['page']
+    created = page._p_serial
+    with placement(conn, 'local'):
+        holder = PersistentMapping()
+        conn.add(holder)
+    holder['page'] = page           # a stub of page in the local child
+    root['holder'] = holder
+    transaction.commit()
+    stub_tid = storage.partition_named('local').storage.getTid(oid)
+    assert stub_tid > created
+    assert [e['tid'] for e in storage.history(oid, 10)] == [created]
+    page.hits = 1                   # now an overlay record replaces it
+    transaction.commit()
+    assert [e['tid'] for e in storage.history(oid, 10)] == [
+        page._p_serial, created]
+    assert storage.getTid(oid) == page._p_serial
+    conn.close()
