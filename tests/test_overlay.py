@@ -724,7 +724,7 @@ def test_stats_counts_overlay_records_apart_from_stubs(tmp_path, closing):
     assert '2 stubs, 2 overlay records (overlay of main)' in proc.stdout
 
 
-# --- readCurrent (checkCurrentSerialInTransaction) ----------------------------
+# --- readCurrent (checkCurrentSerialInTransaction) ------------------------
 
 @pytest.mark.parametrize('changed', ['home', 'overlay', None])
 @pytest.mark.parametrize('newer', ['home', 'overlay'])
@@ -760,7 +760,7 @@ def test_read_current_of_an_overlaid_object(overlaid, changed, newer):
     c2.close()
 
 
-# --- through ZEO --------------------------------------------------------------
+# --- through ZEO ------------------------------------------------------------
 
 def _serve_overlaid(tmp_path, base_extra='', child_extra=''):
     """A ZEO server of a composite whose ``local`` partition is the
