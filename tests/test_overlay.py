@@ -535,7 +535,7 @@ def test_verify_counts_overlay_records_and_finds_no_problem(overlaid):
     assert counts['local'] == {'objects': 0, 'stubs': 2, 'overlays': 2}
 
 
-# --- copies and re-validation (overlay-revalidate) ----------------------------
+# --- copies and re-validation (overlay-revalidate) --------------------------
 
 COPIED = {'local': ('main', RULES, 'title uid')}
 
