@@ -895,3 +895,42 @@ def test_history_shows_no_stub_revision_of_the_overlay_child(overlaid):
         page._p_serial, created]
     assert storage.getTid(oid) == page._p_serial
     conn.close()
+
+
+def test_each_child_opened_alone_is_a_valid_zodb(overlaid, tmp_path):
+    """Invariant 2 with an overlay: the base's records are whole objects
+    of their class, the overlay's are small objects of this package's
+    class naming their home, and every reference resolves inside each
+    child."""
+    from compositestorage.overlay import OverlayRecord
+    from conftest import check_child_self_contained
+    db, storage, paths = overlaid
+    conn = db.open()
+    root = conn.root()
+    for i in range(3):
+        page = Page()
+        page.title = 'page %d' % i
+        page.hits = i
+        page.workflow_state = 'draft'
+        root['page%d' % i] = page
+    transaction.commit()
+    oids = [root['page%d' % i]._p_oid for i in range(3)]
+    root['page1'].hits += 10
+    transaction.commit()
+    conn.close()
+    db.close()
+    names = {0: 'main', 1: 'local'}
+    base = check_child_self_contained(paths['main'], 0, names)
+    overlay = check_child_self_contained(paths['local'], 1, names)
+    for oid in oids:
+        assert base[oid] is Page
+        assert overlay[oid] is OverlayRecord
+    # a plain ZODB on the base sees whole pages, without the local part
+    fs = FileStorage(paths['main'], read_only=True)
+    plain = ZODB.DB(fs)
+    try:
+        page = plain.open().get(oids[1])
+        assert page.title == 'page 1'
+        assert 'hits' not in page.__dict__
+    finally:
+        plain.close()
