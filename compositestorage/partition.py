@@ -15,7 +15,6 @@ The top half of the range is kept for keyed objects
 the allocator hands out oids from the bottom half only, so a keyed oid
 never meets an allocated one.
 """
-import io
 import threading
 import uuid
 
@@ -25,10 +24,8 @@ from ZODB.POSException import ReadConflictError
 from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
-from zodbpickle.pickle import Pickler
 
 from compositestorage.children import adapter_for
-from compositestorage.children import base_storage  # noqa: F401 (API)
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import CorruptRecordError
 from compositestorage.errors import ForeignRecordError
@@ -40,6 +37,7 @@ from compositestorage.keys import KEYED_SUFFIX
 from compositestorage.keys import TABLE_HEAD
 from compositestorage.references import class_of
 from compositestorage.references import quick_check
+from compositestorage.stubs import internal_record
 from compositestorage.stubs import load_internal_record
 from compositestorage.stubs import stub_record
 
@@ -126,11 +124,7 @@ class PartitionMap(persistent.Persistent):
 
 
 def map_record(state):
-    f = io.BytesIO()
-    p = Pickler(f, 3)
-    p.dump(PartitionMap)
-    p.dump(state)
-    return f.getvalue()
+    return internal_record(PartitionMap, state)
 
 
 def read_map_record(data):

@@ -513,6 +513,7 @@ class CompositeStorage(blobs.BlobMethods):
         try:
             load_before = self._load_before[oid[0]]
         except (KeyError, IndexError, TypeError):
+            # _home refuses the map record of any partition, overlaid too
             load_before = self._home(oid).storage.loadBefore
             overlay = self.overlay_of(oid)
             if overlay is not None:

@@ -58,10 +58,18 @@ def stub_record(home, klass):
     not known (a dangling reference) or is itself persistent.
     """
     module, name = klass if klass else (None, None)
+    return internal_record(PartitionStub,
+                           {'home': home, 'module': module, 'name': name})
+
+
+def internal_record(klass, state):
+    """The record of an internal object (a stub, a partition map): its
+    class and state pickled as ZODB pickles a record, so the bytes are the
+    same in every process."""
     f = io.BytesIO()
     p = Pickler(f, 3)
-    p.dump(PartitionStub)
-    p.dump({'home': home, 'module': module, 'name': name})
+    p.dump(klass)
+    p.dump(state)
     return f.getvalue()
 
 

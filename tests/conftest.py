@@ -241,6 +241,20 @@ def check_child_self_contained(path, prefix, home_names):
         db.close()
 
 
+def record_stores(storage):
+    """``[(prefix, data)]`` that fills with every record ZODB hands
+    ``storage.store``, before the composite rewrites anything."""
+    handed = []
+    store = storage.store
+
+    def spy(oid, serial, data, version, txn):
+        handed.append((oid[0], data))
+        return store(oid, serial, data, version, txn)
+
+    storage.store = spy
+    return handed
+
+
 def raw_commit(storage, records, tid=None, **meta):
     """Commit ``[(oid, serial, data), ...]`` through the storage API,
     with the given ``tid`` if any.

@@ -113,16 +113,10 @@ def zodb_records(directory):
     from persistent.wref import WeakRef
 
     from compositestorage import placement
+    from conftest import record_stores
 
     storage = open_composite(directory)
-    handed = []
-    store = storage.store
-
-    def spy(oid, serial, data, version, txn):
-        handed.append((oid[0], data))
-        return store(oid, serial, data, version, txn)
-
-    storage.store = spy
+    handed = record_stores(storage)
     db = ZODB.DB(storage)
     conn = db.open()
     root = conn.root()

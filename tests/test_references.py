@@ -45,6 +45,7 @@ from conftest import TWO
 from conftest import child_records
 from conftest import make_composite
 from conftest import new_tm
+from conftest import record_stores
 
 
 OID_A = b'\x01' + b'\0' * 6 + b'\x05'
@@ -88,14 +89,7 @@ def zodb_records(tmp_path):
     """``(prefix, data)`` of every record ZODB handed a round-robin
     composite, before the composite rewrote anything."""
     storage, _ = make_composite(tmp_path, placement='round-robin')
-    handed = []
-    store = storage.store
-
-    def spy(oid, serial, data, version, txn):
-        handed.append((oid[0], data))
-        return store(oid, serial, data, version, txn)
-
-    storage.store = spy
+    handed = record_stores(storage)
     db = ZODB.DB(storage)
     build_graph(db.open().root()._p_jar)
     transaction.commit()
