@@ -78,8 +78,8 @@ class TransactionState:
 
     def __init__(self, transaction, tid, status):
         self.transaction = transaction
-        #: what the children are given: ``transaction``, or a copy without
-        #: a participants key that a caller copied from a child's history
+        #: what the children are given: a copy of ``transaction``'s
+        #: metadata with room for the span (see ``children_metadata``)
         self.metadata = children_metadata(transaction)
         self.tid = tid
         self.status = status
