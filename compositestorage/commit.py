@@ -29,6 +29,7 @@ from ZODB.utils import z64
 
 from compositestorage.errors import CorruptStubError
 from compositestorage.errors import JournalError
+from compositestorage.errors import NotAtomicError
 from compositestorage.faults import point as fault_point
 from compositestorage.journal import Intent
 from compositestorage.partition import is_internal
@@ -94,6 +95,46 @@ class TransactionState:
         #: of their objects in that child (see compositestorage.overlay)
         self.overlay_records = set()
         self.resolved = set()
+        #: prefixes of children begun only for internal records
+        self.internal_only = set()
+
+    def finish_order(self):
+        """``(parts, intent)``: the participants in the order they finish,
+        and those the journal's intent names.
+
+        A child that cannot take a finished transaction back
+        (``rolls_back`` false) finishes after every other participant:
+        until it has finished each of them can still be taken back, and
+        once it has, they all have.  Such a child that only received
+        internal records (its partition map) finishes first and is left
+        out of the intent: those records are the same whatever happens to
+        the transaction, so recovery neither needs nor could take them
+        back.
+        """
+        parts = list(self.begun.values())
+        fixed = [p for p in parts if not p.child.rolls_back]
+        aside = [p for p in fixed if p.prefix in self.internal_only]
+        last = [p for p in fixed if p not in aside]
+        first = [p for p in parts if p.child.rolls_back]
+        return aside + first + last, first + last
+
+    def check_atomic(self):
+        """Refuse a transaction that no order of finishing keeps all or
+        nothing: one that writes to two children that cannot take a
+        finished transaction back."""
+        fixed = [p for p in self.begun.values()
+                 if not p.child.rolls_back
+                 and p.prefix not in self.internal_only]
+        if len(fixed) > 1:
+            raise NotAtomicError(
+                'transaction %s writes to partitions %s, whose children '
+                '(%s) cannot take back a finished transaction; a commit is '
+                'all or nothing over at most one such partition.  Nothing '
+                'was committed.  Keep history in those children (RelStorage '
+                '"keep-history true"), or change their objects in separate '
+                'transactions' % (
+                    self.tid.hex(), ', '.join(repr(p.name) for p in fixed),
+                    ', '.join(p.child.describe() for p in fixed)))
 
     def stored(self, oid, serial, data):
         """Note a store: a new object's data names its class for stubs."""
@@ -199,6 +240,8 @@ class Coordinator:
                 txn = internal_metadata(txn)
             part.child.tpc_begin(txn, state.tid, state.status)
             state.begun[part.prefix] = part
+            if internal:
+                state.internal_only.add(part.prefix)
             state.child_txn[part.prefix] = txn
         return state.child_txn[part.prefix]
 
@@ -288,6 +331,7 @@ class Coordinator:
             self.begin(state, writable[0] if writable
                        else self._storage.primary)
         if len(state.begun) > 1:
+            state.check_atomic()
             for part in state.begun.values():
                 record_participants(part, state.child_txn[part.prefix],
                                     state.begun)
@@ -323,13 +367,14 @@ class Coordinator:
         invalidations (``func``) have gone out.
         """
         storage = self._storage
-        parts = list(state.begun.values())
+        parts, named = state.finish_order()
         journal = storage.journal if len(parts) > 1 else None
         if journal is not None:
-            self._write_intent(state, parts, journal)
+            self._write_intent(state, named, journal)
         finished, error = self._finish_children(state, parts)
-        if error is not None:
-            self._remove_partial(state, parts, finished, journal)
+        if error is not None and not self._finished_anyway(state, named,
+                                                           finished):
+            self._remove_partial(state, parts, named, finished, journal)
             raise error
         if journal is not None:
             try:
@@ -386,7 +431,7 @@ class Coordinator:
     def _abort_children(self, state):
         for part in state.begun.values():
             try:
-                part.storage.tpc_abort(state.child_txn[part.prefix])
+                part.child.tpc_abort(state.child_txn[part.prefix])
             except Exception:
                 logger.exception('partition %r failed in tpc_abort',
                                  part.name)
@@ -413,19 +458,44 @@ class Coordinator:
             fault_point('finished', part.name)
         return finished, None
 
-    def _remove_partial(self, state, parts, finished, journal):
+    def _finished_anyway(self, state, named, finished):
+        """Whether the transaction is whole although the last child raised
+        in ``tpc_finish``: a child that cannot roll back finishes last, and
+        may have committed before it raised (a failure while updating its
+        caches, say)."""
+        missing = [p for p in named if p not in finished]
+        if len(missing) != 1 or missing[0].child.rolls_back:
+            return False
+        try:
+            whole = has_transaction(missing[0], state.tid)
+        except Exception:
+            logger.exception('partition %r: could not tell whether it holds '
+                             '%s', missing[0].name, state.tid.hex())
+            return False
+        if whole:
+            logger.critical('partition %r raised in tpc_finish of %s, but it '
+                            'holds it, as every other partition does: the '
+                            'transaction is complete', missing[0].name,
+                            state.tid.hex())
+        return whole
+
+    def _remove_partial(self, state, parts, named, finished, journal):
         """A participant failed to finish: take the transaction out of the
         ones that have it and abort the rest, so that no partition holds
         it.  If that fails too, the storage refuses writes until it is
-        reopened, which recovers from the journal."""
+        reopened, which recovers from the journal.  A child left out of
+        the intent (see ``finish_order``) keeps what it finished."""
         failed = []
         for part in parts:
             txn = state.child_txn[part.prefix]
             try:
-                if part in finished or has_transaction(part, state.tid):
+                if part not in named:
+                    if part not in finished:
+                        part.child.tpc_abort(txn)
+                elif part in finished or has_transaction(part, state.tid):
                     roll_back(part, state.tid)
                 else:
-                    part.storage.tpc_abort(txn)
+                    part.child.tpc_abort(txn)
             except Exception:
                 logger.critical(
                     'partition %r: could not take back transaction %s',

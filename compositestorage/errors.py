@@ -6,6 +6,7 @@ composite fails the way a plain storage would, only more helpfully.
 from ZODB.POSException import POSKeyError
 from ZODB.POSException import ReadOnlyError
 from ZODB.POSException import StorageError
+from ZODB.POSException import StorageTransactionError
 
 
 def oid_hex(oid):
@@ -124,3 +125,10 @@ class WriterLockedError(CompositeStorageError):
 
 class WritesRefusedError(CompositeStorageError):
     """The storage refuses writes until it is reopened and recovered."""
+
+
+class NotAtomicError(CompositeStorageError, StorageTransactionError):
+    """A transaction would span two or more partitions whose children
+    cannot take a finished transaction back, so no order of finishing
+    keeps it all or nothing (see "What holds for each child kind" in
+    docs/commit-protocol.rst)."""

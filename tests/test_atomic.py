@@ -25,6 +25,7 @@ from ZODB.MappingStorage import MappingStorage
 from compositestorage import CompositeStorage
 from compositestorage.errors import WriterLockedError
 from compositestorage.journal import Intent
+from compositestorage.recovery import has_transaction
 from compositestorage.journal import Journal
 from conftest import blob_paths
 from conftest import config_file
@@ -652,11 +653,11 @@ def test_every_kind_of_transaction_is_taken_back(tmp_path, kind, after):
         db.close()
 
 
-def test_a_transaction_that_cannot_be_taken_back_refuses_writes(tmp_path):
-    """A child that raises in tpc_finish after really finishing, and that
-    the composite cannot cut back (not a FileStorage it knows): writes are
-    refused, saying why, until a reopen recovers from the journal."""
-    from compositestorage.errors import WritesRefusedError
+def _generic_child_composite(tmp_path, after):
+    """``open_storage(wrap)``: main (FileStorage) and b, which, wrapped,
+    is a child type the composite cannot cut back, raising in
+    ``tpc_finish`` (``after`` it really finished, or before); and a
+    database with x in main and y in b, both ``v=1``."""
     from persistent.mapping import PersistentMapping
     from compositestorage import placement
 
@@ -664,8 +665,7 @@ def test_a_transaction_that_cannot_be_taken_back_refuses_writes(tmp_path):
         main = FileStorage(str(tmp_path / 'main.fs'))
         b = FileStorage(str(tmp_path / 'b.fs'))
         if wrap:
-            # a child type the composite cannot cut back
-            b = RaisingInFinish(b, after=True)
+            b = RaisingInFinish(b, after=after)
         return CompositeStorage([('main', 0, main), ('b', 1, b)])
 
     db = ZODB.DB(open_storage(False))
@@ -675,15 +675,59 @@ def test_a_transaction_that_cannot_be_taken_back_refuses_writes(tmp_path):
             conn.add(y)
         conn.root()['x'] = PersistentMapping(v=1)
     db.close()
+    return open_storage
 
+
+def test_a_child_that_cannot_roll_back_finishes_last(tmp_path, caplog):
+    """A child the composite cannot cut back finishes after every other
+    participant: when it raises after really finishing, the transaction
+    is whole, and it stands."""
+    open_storage = _generic_child_composite(tmp_path, after=True)
     storage = open_storage(True)
+    assert not storage.partitions[1].child.rolls_back
+    db = ZODB.DB(storage)
+    try:
+        tm = transaction.TransactionManager()
+        root = db.open(tm).root()
+        root['x']['v'] = root['y']['v'] = 2
+        tm.commit()
+        assert 'holds it, as every other partition does' in caplog.text
+        tid = storage.lastTransaction()
+        assert [p.name for p in storage.partitions
+                if has_transaction(p, tid)] == ['main', 'b']
+    finally:
+        db.close()
+    storage = open_storage(False)
+    try:
+        assert storage.recovered is None
+        db = ZODB.DB(storage)
+        root = db.open().root()
+        assert (root['x']['v'], root['y']['v']) == (2, 2)
+        db.close()
+    finally:
+        storage.close()
+
+
+def test_a_transaction_that_cannot_be_taken_back_refuses_writes(
+        tmp_path, monkeypatch):
+    """The last child raises before it finished, and main, which did
+    finish, cannot be cut back (an injected fault): writes are refused,
+    saying why, until a reopen recovers from the journal."""
+    from compositestorage.errors import WritesRefusedError
+    open_storage = _generic_child_composite(tmp_path, after=False)
+    storage = open_storage(True)
+    main = storage.partitions[0].child
+
+    def roll_back(tid, name):
+        raise OSError('injected failure in roll_back')
+    monkeypatch.setattr(main, 'roll_back', roll_back)
     db = ZODB.DB(storage)
     try:
         before = storage.lastTransaction()
         tm = transaction.TransactionManager()
         root = db.open(tm).root()
         root['x']['v'] = root['y']['v'] = 2
-        with pytest.raises(OSError, match='injected'):
+        with pytest.raises(OSError, match='injected failure in tpc_finish'):
             tm.commit()
         tm.abort()
         assert storage.lastTransaction() == before
@@ -692,15 +736,15 @@ def test_a_transaction_that_cannot_be_taken_back_refuses_writes(tmp_path):
         with pytest.raises(WritesRefusedError) as exc:
             tm.commit()
         tm.abort()
-        assert "partition(s) b" in str(exc.value)
+        assert "partition(s) main" in str(exc.value)
         assert 'reopen' in str(exc.value)
     finally:
         db.close()
     storage = open_storage(False)
     try:
-        # main was taken back at once; the reopen takes back b
+        # b never finished; the reopen takes back main
         assert storage.recovered.action == 'rolled back'
-        assert storage.recovered.rolled_back == ['b']
+        assert storage.recovered.rolled_back == ['main']
         db = ZODB.DB(storage)
         root = db.open().root()
         assert (root['x']['v'], root['y']['v']) == (1, 1)

@@ -44,6 +44,7 @@ def _bucket_range(lo, hi):
 class FileStorageChild(Child):
 
     kind = 'FileStorage'
+    rolls_back = True
     reads_spans = True
     iterates_by_oid = True
     skips_deleted = True

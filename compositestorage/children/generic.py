@@ -34,11 +34,20 @@ class Child:
     collects_garbage = False
     #: whether ``count_in`` and ``count_outside`` are cheap (no record read)
     counts_cheaply = False
+    #: whether ``roll_back`` can take a finished transaction back.  A
+    #: transaction may span at most one child that cannot: that one
+    #: finishes last (see "What holds for each child kind" in
+    #: docs/commit-protocol.rst).
+    rolls_back = False
 
     def __init__(self, storage, base):
         self.storage = storage
         #: the child itself, or the storage under a BlobStorage proxy
         self.base = base
+
+    def describe(self):
+        """The kind of child, as messages name it."""
+        return self.kind
 
     def __repr__(self):
         return '<%s adapter for %s>' % (self.kind, self.storage.getName())
@@ -129,6 +138,10 @@ class Child:
             self.storage.tpc_begin(transaction, tid)
         else:
             self.storage.tpc_begin(transaction, tid, status)
+
+    def tpc_abort(self, transaction):
+        """Abort the child's part of the composite's transaction."""
+        self.storage.tpc_abort(transaction)
 
     def last_finished(self):
         """The tid of the last transaction the child finished."""

@@ -18,6 +18,7 @@ def adapter(storage, base):
 class MappingChild(Child):
 
     kind = 'MappingStorage'
+    rolls_back = True
     counts_cheaply = True
     #: its record_iternext raises POSKeyError for a deleted object too
     skips_deleted = True

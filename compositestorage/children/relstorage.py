@@ -65,6 +65,7 @@ class RelStorageChild(Child):
         Child.__init__(self, storage, base)
         self.keep_history = base._options.keep_history
         self.reads_spans = self.keep_history
+        self.rolls_back = self.keep_history
         self._db = base._adapter
         #: the table that has one row per current object
         self._current = ('current_object' if self.keep_history
@@ -73,6 +74,11 @@ class RelStorageChild(Child):
         self._binary = driver.Binary
         self._mark = '?' if 'sqlite' in type(driver).__module__ else '%s'
         self._tid = None        # the tid of the transaction being restored
+
+    def describe(self):
+        return '%s RelStorage on %s' % (
+            'history-preserving' if self.keep_history else 'history-free',
+            self.engine)
 
     @property
     def engine(self):
@@ -172,8 +178,13 @@ class RelStorageChild(Child):
 
     def has_transaction(self, tid):
         if not self.keep_history:
-            # only the last one can be told: older rows were overwritten
-            return self.last_finished() == tid
+            # Older rows were overwritten, so only the last tid can be
+            # told.  A child that cannot roll back finishes after every
+            # other participant, and recovery runs before any later
+            # commit: a later tid here means ``tid`` finished.  (A
+            # transaction that only deleted objects here leaves no row to
+            # tell it by.)
+            return self.last_finished() >= tid
         return self._scalar('SELECT COUNT(*) FROM "transaction" WHERE tid = %s',
                             (u64(tid),)) > 0
 
@@ -212,6 +223,22 @@ class RelStorageChild(Child):
     def tpc_begin(self, transaction, tid, status=' '):
         Child.tpc_begin(self, transaction, tid, status)
         self._tid = tid
+
+    def tpc_abort(self, transaction):
+        """Abort, and remove the transaction's row if it outlived that.
+
+        RelStorage's SQLite store connection is in autocommit mode until
+        the vote, so the row that restore mode adds at ``tpc_begin`` (and
+        the span set in it) is committed at once, and an abort leaves it
+        behind: an empty transaction that never happened.  It is taken
+        out here as a finished one would be."""
+        tid, self._tid = self._tid, None
+        self.base.tpc_abort(transaction)
+        if (tid is not None and self.keep_history and self._mark == '?'
+                and self.last_finished() == tid):
+            logger.info('partition child %s: removing the row of aborted '
+                        'transaction %s', self.storage.getName(), tid.hex())
+            self.roll_back(tid, self.storage.getName())
 
     def roll_back(self, tid, name):
         """Delete the rows of ``tid``, the child's last transaction, and
