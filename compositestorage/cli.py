@@ -27,6 +27,7 @@ import zc.lockfile
 from ZODB.TimeStamp import TimeStamp
 from ZODB.utils import z64
 
+from compositestorage.children import file_name
 from compositestorage.opening import config_kind
 from compositestorage.opening import KIND_NAMES
 from compositestorage.opening import open_read_only
@@ -109,7 +110,7 @@ def default_storage(var='var'):
 
 def storage_path(storage):
     """A FileStorage's path (relative to the cwd when below it), or name."""
-    path = getattr(storage, '_file_name', None)
+    path = file_name(storage)
     if not path:
         return storage.getName()
     rel = os.path.relpath(path)

@@ -31,6 +31,7 @@ from compositestorage import blobs
 from compositestorage import gc as global_gc
 from compositestorage import iteration
 from compositestorage import namespaces
+from compositestorage.children import file_name
 from compositestorage.commit import Coordinator
 from compositestorage.errors import ConfigurationError
 from compositestorage.errors import JournalError
@@ -716,7 +717,7 @@ class CompositeStorage(blobs.BlobMethods):
 
 def storage_identity(storage):
     """Something equal for two handles on the same child storage."""
-    path = getattr(storage, '_file_name', None)
+    path = file_name(storage)
     if path:
         return ('file', os.path.realpath(path))
     return ('object', id(storage), storage.getName())

@@ -30,3 +30,8 @@ def adapter_for(storage):
         if module.handles(base):
             return module.adapter(storage, base)
     return Child(storage, base)
+
+
+def file_name(storage):
+    """The file a child keeps its data in, or ``None`` (not one file)."""
+    return adapter_for(storage).file_name
