@@ -12,7 +12,7 @@ it reads is what is committed now, not the child's MVCC snapshot:
 * taking a finished transaction back from a history-preserving child by
   deleting that tid's rows, as a FileStorage file is cut;
 * removing garbage by deleting the rows of every oid the composite's mark
-  did not keep, then packing without GC.
+  did not keep, then packing without GC (history-preserving only).
 
 RelStorage's ``pack`` takes no ``gc`` argument: its ``pack-gc`` option
 decides.  A writable child is therefore opened with that option forced
@@ -41,6 +41,26 @@ logger = logging.getLogger(__name__)
 
 #: How many oids one statement deletes.
 BATCH = 500
+
+
+def configured_db(opener):
+    """What a ``<relstorage>`` section of a config names as its database
+    (``PostgreSQL dsn ...`` without a password, ``SQLite data-dir ...``),
+    for messages; ``None`` for any other section."""
+    adapter_section = getattr(getattr(opener, 'config', None), 'adapter',
+                              None)
+    section = getattr(adapter_section, 'config', None)
+    if section is None:
+        return None
+    engine = section.getSectionType()
+    if getattr(section, 'data_dir', None):
+        return '%s data-dir %s' % (engine, section.data_dir)
+    dsn = getattr(section, 'dsn', None)
+    if dsn:
+        # as RelStorage's own repr does: never show a password
+        return '%s dsn %s' % (engine, ' '.join(
+            p for p in dsn.split() if not p.startswith('password')))
+    return engine
 
 
 def handles(base):
@@ -276,7 +296,7 @@ class RelStorageChild(Child):
             self._forget()
         logger.info('pack: partition %r: deleted %d unreachable objects',
                     name, len(garbage))
-        self.base.pack(t, referencesf)
+        self.pack_without_gc(t)
 
     def _delete(self, cursor, oids):
         tables = ['object_ref', 'object_refs_added', 'blob_chunk']
@@ -290,7 +310,12 @@ class RelStorageChild(Child):
                                % (table, marks), batch)
 
     def pack_without_gc(self, t):
-        self.base.pack(t, referencesf)
+        """Remove old revisions (``pack-gc`` is off).  A history-free
+        child has none, and its ``pack`` without GC only warns that it
+        does nothing, then deletes what an earlier GC pre-pack left marked
+        in its ``pack_object`` table: it is not asked."""
+        if self.keep_history:
+            self.base.pack(t, referencesf)
 
     def delete_object(self, oid, serial, transaction):
         """``deleteObject`` in restore mode: a restore of no data, which is
