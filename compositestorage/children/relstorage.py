@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 BATCH = 500
 
 
+def _stay_in_transaction():
+    """See :meth:`RelStorageChild._keep_sqlite_transaction_open`."""
+
+
 def configured_db(opener):
     """What a ``<relstorage>`` section of a config names as its database
     (``PostgreSQL dsn ...`` without a password, ``SQLite data-dir ...``),
@@ -232,6 +236,29 @@ class RelStorageChild(Child):
     def tpc_begin(self, transaction, tid, status=' '):
         Child.tpc_begin(self, transaction, tid, status)
         self._tid = tid
+        if self._mark == '?':
+            self._keep_sqlite_transaction_open()
+
+    def _keep_sqlite_transaction_open(self):
+        """Keep an SQLite child's store transaction open until it finishes.
+
+        RelStorage's SQLite mover commits the store connection after it
+        writes its temporary tables (``return_to_repeatable_read``), to
+        leave the database unlocked until the vote.  In restore mode,
+        which the composite always begins, that connection already holds
+        the exclusive lock and the transaction's row, written at begin:
+        that commit made the row (with its span) durable at the vote,
+        before the data, so a crash between two children's finishes left
+        a child that seemed to hold a transaction it had no record of,
+        and recovery called it complete.  Here the lock is held anyway,
+        so the temporary tables are written in the same transaction.
+        """
+        state = self._restore_state()
+        if state is None:
+            return
+        connection = state.shared_state.store_connection.connection
+        if connection is not None:
+            connection.return_to_repeatable_read = _stay_in_transaction
 
     def roll_back(self, tid, name):
         """Delete the rows of ``tid``, the child's last transaction, and
