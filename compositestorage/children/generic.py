@@ -130,6 +130,10 @@ class Child:
         else:
             self.storage.tpc_begin(transaction, tid, status)
 
+    def tpc_vote(self, transaction):
+        """Vote the child; the oids whose conflicts were resolved."""
+        return self.storage.tpc_vote(transaction)
+
     def last_finished(self):
         """The tid of the last transaction the child finished."""
         return self.storage.lastTransaction()

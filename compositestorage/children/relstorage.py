@@ -260,6 +260,62 @@ class RelStorageChild(Child):
         if connection is not None:
             connection.return_to_repeatable_read = _stay_in_transaction
 
+    def tpc_vote(self, transaction):
+        resolved = self._resolve_stale_stores()
+        voted = self.storage.tpc_vote(transaction)
+        if resolved:
+            voted = list(voted or ()) + resolved
+        return voted
+
+    def _resolve_stale_stores(self):
+        """Resolve, before RelStorage votes, the conflicts of records
+        stored with a serial older than the committed one; returns their
+        oids.
+
+        RelStorage resolves such conflicts in its vote from states it
+        loads through its own MVCC snapshot, which it expects to be the
+        one the transaction read: true for a ``Connection`` with its own
+        instance, not for the composite, whose writers (ZEO clients, the
+        connections of a process) read through other snapshots.  There
+        the snapshot is newer than the stale serial, and RelStorage
+        raises ``CacheConsistencyError`` instead of resolving or raising
+        ``ConflictError``.  The commit lock is held from ``tpc_begin``
+        (restore mode), so the committed serials read here stay current
+        until the finish; a resolved record is queued again with the
+        committed serial, and an unresolved one raises ``ConflictError``
+        as FileStorage's ``store`` does.
+        """
+        state = self._restore_state()
+        temp = None if state is None else state.shared_state.temp_storage
+        if not temp:
+            return []
+        stored = {oid_int: prev for oid_int, (start, _, prev)
+                  in temp.stored_oids.items()
+                  if prev and start is not None}
+        committed = {}
+        oids = sorted(stored)
+        for i in range(0, len(oids), BATCH):
+            batch = oids[i:i + BATCH]
+            committed.update(self._query(
+                'SELECT zoid, tid FROM %s WHERE zoid IN (%s)' % (
+                    self._current, ', '.join(['%s'] * len(batch))), batch))
+        resolved = []
+        for oid_int in oids:
+            tid_int = committed.get(oid_int)
+            if tid_int is None or tid_int == stored[oid_int]:
+                continue
+            oid, serial, old = p64(oid_int), p64(tid_int), p64(
+                stored[oid_int])
+            data = self._scalar('SELECT state FROM object_state WHERE '
+                                'zoid = %s AND tid = %s', (oid_int, tid_int))
+            # raises ConflictError when it cannot resolve
+            new = self.storage.tryToResolveConflict(
+                oid, serial, old, temp.read_temp(oid_int),
+                committedData=bytes(data or b''))
+            temp.store_temp(oid_int, new, tid_int)
+            resolved.append(oid)
+        return resolved
+
     def roll_back(self, tid, name):
         """Delete the rows of ``tid``, the child's last transaction, and
         point each object it wrote back at its previous revision."""
