@@ -195,7 +195,12 @@ def check_counts(capsys, composite, expected):
     assert {p['name']: (p['objects'], p['stubs'])
             for p in info['partitions']} == expected
     assert info['objects'] == sum(n for n, _ in expected.values())
-    assert info['partitions'][1]['type'] == 'RelStorage'
+    cat = info['partitions'][1]
+    assert cat['type'] == 'RelStorage'
+    # where its data is, by the database's own words (no object ids)
+    assert cat['path'].startswith(
+        ('sqlite data-dir %s' if composite.engine == 'sqlite' else
+         'postgresql dsn dbname=%s host=') % composite.where['cat'])
     code, stats, _ = run_json(capsys, 'stats', '--json', '-q',
                               composite.config)
     assert code == 0

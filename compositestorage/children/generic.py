@@ -45,6 +45,8 @@ class Child:
 
     #: the file the child keeps its data in, if it is one file
     file_name = None
+    #: where the child keeps its data, for ``info``, if not in one file
+    location = None
 
     def prepare(self, read_only):
         """Called when the composite opens the child (see subclasses)."""

@@ -61,10 +61,13 @@ def configured_db(opener):
         return '%s data-dir %s' % (engine, section.data_dir)
     dsn = getattr(section, 'dsn', None)
     if dsn:
-        # as RelStorage's own repr does: never show a password
-        return '%s dsn %s' % (engine, ' '.join(
-            p for p in dsn.split() if not p.startswith('password')))
+        return '%s dsn %s' % (engine, _without_password(dsn))
     return engine
+
+
+def _without_password(dsn):
+    """As RelStorage's own repr does: never show a password."""
+    return ' '.join(p for p in dsn.split() if not p.startswith('password'))
 
 
 def handles(base):
@@ -97,6 +100,18 @@ class RelStorageChild(Child):
         self._binary = driver.Binary
         self._mark = '?' if 'sqlite' in type(driver).__module__ else '%s'
         self._tid = None        # the tid of the transaction being restored
+
+    @property
+    def location(self):
+        """``sqlite3 data-dir PATH`` or ``postgresql dsn ...`` (without
+        a password), not RelStorage's name, which shows object ids."""
+        data_dir = getattr(self._db, 'data_dir', None)
+        if data_dir:
+            return '%s data-dir %s' % (self.engine, data_dir)
+        dsn = getattr(self._db, '_dsn', None)
+        if dsn:
+            return '%s dsn %s' % (self.engine, _without_password(dsn))
+        return self.storage.getName()
 
     @property
     def engine(self):
