@@ -161,8 +161,10 @@ def configured_partitions(target, database=None):
     parts = []
     for s in sorted(sections, key=lambda s: s.prefix):
         if not isinstance(s.storage, ZODB.config.FileStorage):
+            from compositestorage.children.relstorage import configured_db
             raise _not_a_filestorage(s.name, s.prefix,
-                                     _section_type(s.storage))
+                                     _section_type(s.storage),
+                                     configured_db(s.storage))
         child = s.storage.config
         parts.append(_configured(s.name, s.prefix, child.path,
                                  child.blob_dir or c.blob_dir))
@@ -189,11 +191,20 @@ def _uri_partitions(uri):
     return parts, primary[0].path + '.journal' if primary else None
 
 
-def _not_a_filestorage(name, prefix, kind):
+def _not_a_filestorage(name, prefix, kind, where=None):
+    """The refusal, with the consistent way to back such a composite up:
+    a backup of one child taken while the writer commits to the others
+    would not hold the same transactions as theirs."""
     return BackupError(
-        'partition %r (prefix %d) is a %s child, not a FileStorage: '
+        'partition %r (prefix %d) is a %s child%s, not a FileStorage: '
         'repozo backs up FileStorage files only, so this composite '
-        'cannot be backed up or restored this way' % (name, prefix, kind))
+        'cannot be backed up or restored this way.  To back it up '
+        'consistently, stop its writer (the server or application) and '
+        'copy every child while it is stopped: pg_dump for a PostgreSQL '
+        'child, a copy of the data directory for an SQLite one, a copy '
+        'of each FileStorage file; restore them all together (see '
+        '"Backups" in docs/operations.rst)'
+        % (name, prefix, kind, ' (%s)' % where if where else ''))
 
 
 def _configured(name, prefix, path, blob_dir):

@@ -152,7 +152,7 @@ def describe_composite(storage):
             'name': part.name,
             'prefix': part.prefix,
             'type': type(child).__name__,
-            'path': storage_path(child),
+            'path': part.child.location or storage_path(child),
             'read_only': part.read_only,
             'objects': part.count_own(),
             'stubs': part.count_stubs(),

@@ -337,7 +337,7 @@ class Coordinator:
                                     state.begun)
         for part in list(state.begun.values()):
             fault_point('vote', part.name)
-            resolved = part.storage.tpc_vote(state.child_txn[part.prefix])
+            resolved = part.child.tpc_vote(state.child_txn[part.prefix])
             fault_point('voted', part.name)
             if resolved:
                 state.resolved.update(

@@ -173,7 +173,9 @@ def _find_own(storage, index, token):
             oid, tid, data, after = record
             if ordered and oid[0] > part.prefix:
                 break
-            if not is_internal(oid, part.prefix):
+            # data None: a deleted object, as RelStorage keeping history
+            # returns it (FileStorage raises POSKeyError, above)
+            if data is not None and not is_internal(oid, part.prefix):
                 return index, token, record, after
             if after is None:
                 break

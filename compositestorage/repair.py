@@ -73,6 +73,12 @@ def plan(storage):
                 problem.oid, stub_record(home.name, class_of(data))))
         else:
             untouched.append(problem)
+    # A stub both orphaned and without its target is reported twice; its
+    # removal settles both, so the second is not left for a person.
+    removed = {(a.partition.name, a.oid) for a in actions
+               if a.what == 'remove'}
+    untouched = [p for p in untouched
+                 if not (p.garbage and (p.partition, p.oid) in removed)]
     return actions, untouched
 
 

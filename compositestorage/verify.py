@@ -108,7 +108,7 @@ def current_records(storage, skips_deleted=None):
     """Yield ``(oid, tid, data)`` of every current record of ``storage``
     (a child), stepping over deleted objects (where ``skips_deleted``, the
     child's ``record_iternext`` raises for one; by default its adapter
-    says)."""
+    says; a record without data is one too)."""
     if skips_deleted is None:
         from compositestorage.children import adapter_for
         skips_deleted = adapter_for(storage).skips_deleted
@@ -125,7 +125,11 @@ def current_records(storage, skips_deleted=None):
                 raise
             token = p64(u64(e.args[0]) + 1)
             continue
-        yield oid, tid, data
+        if data is not None:
+            # RelStorage keeping history returns a deleted object's
+            # current record with no data instead of raising: step over
+            # it as over FileStorage's deletions
+            yield oid, tid, data
         if token is None:
             return
 

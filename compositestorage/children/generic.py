@@ -54,6 +54,8 @@ class Child:
 
     #: the file the child keeps its data in, if it is one file
     file_name = None
+    #: where the child keeps its data, for ``info``, if not in one file
+    location = None
 
     def prepare(self, read_only):
         """Called when the composite opens the child (see subclasses)."""
@@ -138,6 +140,10 @@ class Child:
             self.storage.tpc_begin(transaction, tid)
         else:
             self.storage.tpc_begin(transaction, tid, status)
+
+    def tpc_vote(self, transaction):
+        """Vote the child; the oids whose conflicts were resolved."""
+        return self.storage.tpc_vote(transaction)
 
     def tpc_abort(self, transaction):
         """Abort the child's part of the composite's transaction."""

@@ -12,7 +12,7 @@ it reads is what is committed now, not the child's MVCC snapshot:
 * taking a finished transaction back from a history-preserving child by
   deleting that tid's rows, as a FileStorage file is cut;
 * removing garbage by deleting the rows of every oid the composite's mark
-  did not keep, then packing without GC.
+  did not keep, then packing without GC (history-preserving only).
 
 RelStorage's ``pack`` takes no ``gc`` argument: its ``pack-gc`` option
 decides.  A writable child is therefore opened with that option forced
@@ -41,6 +41,33 @@ logger = logging.getLogger(__name__)
 
 #: How many oids one statement deletes.
 BATCH = 500
+
+
+def _stay_in_transaction():
+    """See :meth:`RelStorageChild._keep_sqlite_transaction_open`."""
+
+
+def configured_db(opener):
+    """What a ``<relstorage>`` section of a config names as its database
+    (``PostgreSQL dsn ...`` without a password, ``SQLite data-dir ...``),
+    for messages; ``None`` for any other section."""
+    adapter_section = getattr(getattr(opener, 'config', None), 'adapter',
+                              None)
+    section = getattr(adapter_section, 'config', None)
+    if section is None:
+        return None
+    engine = section.getSectionType()
+    if getattr(section, 'data_dir', None):
+        return '%s data-dir %s' % (engine, section.data_dir)
+    dsn = getattr(section, 'dsn', None)
+    if dsn:
+        return '%s dsn %s' % (engine, _without_password(dsn))
+    return engine
+
+
+def _without_password(dsn):
+    """As RelStorage's own repr does: never show a password."""
+    return ' '.join(p for p in dsn.split() if not p.startswith('password'))
 
 
 def handles(base):
@@ -79,6 +106,18 @@ class RelStorageChild(Child):
         return '%s RelStorage on %s' % (
             'history-preserving' if self.keep_history else 'history-free',
             self.engine)
+
+    @property
+    def location(self):
+        """``sqlite3 data-dir PATH`` or ``postgresql dsn ...`` (without
+        a password), not RelStorage's name, which shows object ids."""
+        data_dir = getattr(self._db, 'data_dir', None)
+        if data_dir:
+            return '%s data-dir %s' % (self.engine, data_dir)
+        dsn = getattr(self._db, '_dsn', None)
+        if dsn:
+            return '%s dsn %s' % (self.engine, _without_password(dsn))
+        return self.storage.getName()
 
     @property
     def engine(self):
@@ -223,22 +262,89 @@ class RelStorageChild(Child):
     def tpc_begin(self, transaction, tid, status=' '):
         Child.tpc_begin(self, transaction, tid, status)
         self._tid = tid
+        if self._mark == '?':
+            self._keep_sqlite_transaction_open()
+
+    def _keep_sqlite_transaction_open(self):
+        """Keep an SQLite child's store transaction open until it finishes.
+
+        RelStorage's SQLite mover commits the store connection after it
+        writes its temporary tables (``return_to_repeatable_read``), to
+        leave the database unlocked until the vote.  In restore mode,
+        which the composite always begins, that connection already holds
+        the exclusive lock and the transaction's row, written at begin:
+        that commit made the row (with its span) durable at the vote,
+        before the data, so a crash between two children's finishes left
+        a child that seemed to hold a transaction it had no record of,
+        and recovery called it complete.  Here the lock is held anyway,
+        so the temporary tables are written in the same transaction.
+        """
+        state = self._restore_state()
+        if state is None:
+            return
+        connection = state.shared_state.store_connection.connection
+        if connection is not None:
+            connection.return_to_repeatable_read = _stay_in_transaction
+
+    def tpc_vote(self, transaction):
+        resolved = self._resolve_stale_stores()
+        voted = self.storage.tpc_vote(transaction)
+        if resolved:
+            voted = list(voted or ()) + resolved
+        return voted
+
+    def _resolve_stale_stores(self):
+        """Resolve, before RelStorage votes, the conflicts of records
+        stored with a serial older than the committed one; returns their
+        oids.
+
+        RelStorage resolves such conflicts in its vote from states it
+        loads through its own MVCC snapshot, which it expects to be the
+        one the transaction read: true for a ``Connection`` with its own
+        instance, not for the composite, whose writers (ZEO clients, the
+        connections of a process) read through other snapshots.  There
+        the snapshot is newer than the stale serial, and RelStorage
+        raises ``CacheConsistencyError`` instead of resolving or raising
+        ``ConflictError``.  The commit lock is held from ``tpc_begin``
+        (restore mode), so the committed serials read here stay current
+        until the finish; a resolved record is queued again with the
+        committed serial, and an unresolved one raises ``ConflictError``
+        as FileStorage's ``store`` does.
+        """
+        state = self._restore_state()
+        temp = None if state is None else state.shared_state.temp_storage
+        if not temp:
+            return []
+        stored = {oid_int: prev for oid_int, (start, _, prev)
+                  in temp.stored_oids.items()
+                  if prev and start is not None}
+        committed = {}
+        oids = sorted(stored)
+        for i in range(0, len(oids), BATCH):
+            batch = oids[i:i + BATCH]
+            committed.update(self._query(
+                'SELECT zoid, tid FROM %s WHERE zoid IN (%s)' % (
+                    self._current, ', '.join(['%s'] * len(batch))), batch))
+        resolved = []
+        for oid_int in oids:
+            tid_int = committed.get(oid_int)
+            if tid_int is None or tid_int == stored[oid_int]:
+                continue
+            oid, serial, old = p64(oid_int), p64(tid_int), p64(
+                stored[oid_int])
+            data = self._scalar('SELECT state FROM object_state WHERE '
+                                'zoid = %s AND tid = %s', (oid_int, tid_int))
+            # raises ConflictError when it cannot resolve
+            new = self.storage.tryToResolveConflict(
+                oid, serial, old, temp.read_temp(oid_int),
+                committedData=bytes(data or b''))
+            temp.store_temp(oid_int, new, tid_int)
+            resolved.append(oid)
+        return resolved
 
     def tpc_abort(self, transaction):
-        """Abort, and remove the transaction's row if it outlived that.
-
-        RelStorage's SQLite store connection is in autocommit mode until
-        the vote, so the row that restore mode adds at ``tpc_begin`` (and
-        the span set in it) is committed at once, and an abort leaves it
-        behind: an empty transaction that never happened.  It is taken
-        out here as a finished one would be."""
-        tid, self._tid = self._tid, None
+        self._tid = None
         self.base.tpc_abort(transaction)
-        if (tid is not None and self.keep_history and self._mark == '?'
-                and self.last_finished() == tid):
-            logger.info('partition child %s: removing the row of aborted '
-                        'transaction %s', self.storage.getName(), tid.hex())
-            self.roll_back(tid, self.storage.getName())
 
     def roll_back(self, tid, name):
         """Delete the rows of ``tid``, the child's last transaction, and
@@ -303,7 +409,7 @@ class RelStorageChild(Child):
             self._forget()
         logger.info('pack: partition %r: deleted %d unreachable objects',
                     name, len(garbage))
-        self.base.pack(t, referencesf)
+        self.pack_without_gc(t)
 
     def _delete(self, cursor, oids):
         tables = ['object_ref', 'object_refs_added', 'blob_chunk']
@@ -317,7 +423,12 @@ class RelStorageChild(Child):
                                % (table, marks), batch)
 
     def pack_without_gc(self, t):
-        self.base.pack(t, referencesf)
+        """Remove old revisions (``pack-gc`` is off).  A history-free
+        child has none, and its ``pack`` without GC only warns that it
+        does nothing, then deletes what an earlier GC pre-pack left marked
+        in its ``pack_object`` table: it is not asked."""
+        if self.keep_history:
+            self.base.pack(t, referencesf)
 
     def delete_object(self, oid, serial, transaction):
         """``deleteObject`` in restore mode: a restore of no data, which is
