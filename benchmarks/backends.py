@@ -56,6 +56,21 @@ def postgres_unavailable():
             'databases).' % reason.rstrip('.'))
 
 
+def postgres_too_many(n):
+    """``None`` when a commit of ``n`` changed objects fits in the
+    server's lock table (RelStorage takes a lock per changed object, and
+    ``update`` changes N objects in one commit), else what to do."""
+    slots = engines().postgres_lock_slots()
+    if n <= slots * 3 // 4:    # other sessions of the server lock too
+        return None
+    return ('-n %d is too many for this PostgreSQL server: RelStorage '
+            'takes a lock per object a commit changes, and the server\'s '
+            'lock table holds %d (max_locks_per_transaction x '
+            '(max_connections + max_prepared_transactions)).  Use -n %d '
+            'or less, or raise max_locks_per_transaction.'
+            % (n, slots, slots * 3 // 4))
+
+
 def postgres_config(kind, directory, databases):
     """The ZConfig text of a PostgreSQL storage ``kind`` whose databases
     are ``databases`` and whose files (a FileStorage primary, the

@@ -990,7 +990,8 @@ def main(argv=None):
     counts = _client_counts(parser, args)
     storages, zconfigs = _storages(parser, args, mode)
     if mode == 'postgresql':
-        missing = backends.postgres_unavailable()
+        missing = (backends.postgres_unavailable()
+                   or backends.postgres_too_many(args.n))
         if missing:
             raise SystemExit('bench.py: ' + missing)
 

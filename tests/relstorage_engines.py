@@ -77,6 +77,23 @@ def postgres_database_size(name):
         conn.close()
 
 
+def postgres_lock_slots():
+    """The size of the server's shared lock table: ``max_locks_per_
+    transaction`` times (``max_connections`` + ``max_prepared_
+    transactions``).  RelStorage on PostgreSQL takes one lock per object
+    a commit changes, so a commit can change at most about this many."""
+    conn = _admin()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('max_locks_per_transaction')::int"
+                " * (current_setting('max_connections')::int"
+                " + current_setting('max_prepared_transactions')::int)")
+            return cursor.fetchone()[0]
+    finally:
+        conn.close()
+
+
 def child_section(engine, where, keep_history=True, blob_dir=None):
     """The ``<relstorage>`` section of a child: ``where`` is a directory
     (SQLite) or a database name (PostgreSQL)."""

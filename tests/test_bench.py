@@ -28,6 +28,8 @@ def test_help():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert '--rounds' in proc.stdout and '--json' in proc.stdout
+    for option in ('--postgresql', '--zeo', '--clients', '--transactions'):
+        assert option in proc.stdout
 
 
 def test_tiny_run(tmp_path):
@@ -149,6 +151,19 @@ def test_postgresql_composites_against_plain_relstorage(tmp_path):
     for kind in storages:
         assert raw[kind]['disk_bytes'] > 0      # the databases' own size
         assert raw[kind]['results']['small2']['transactions'] == 5
+
+
+def test_postgresql_refuses_an_n_beyond_the_lock_table(tmp_path):
+    """RelStorage takes a PostgreSQL lock per changed object: an N that the
+    server's lock table cannot hold is refused before anything runs."""
+    require_postgres()
+    proc = subprocess.run(
+        [sys.executable, BENCH, '--postgresql', '-n', '100000000'],
+        capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert '-n 100000000 is too many' in proc.stderr
+    assert 'max_locks_per_transaction' in proc.stderr
+    assert 'round 1' not in proc.stderr
 
 
 def _refused_port():
