@@ -9,7 +9,8 @@ Run ``python benchmarks/bench.py`` (defaults: ``-n 20000 --rounds 5
 The workloads are modelled on zodbshootout's.  Objects are instances of the
 tiny ``PObject`` class below (one integer attribute, plus ``ref`` for the
 cross workload).  All of them run, in this order, in one worker process per
-storage per round, on storage files made fresh in a temporary directory:
+storage per round, on storage files made fresh in a temporary directory
+(the storages of ``--postgresql`` and ``--zeo`` are below):
 
 ``add``
     N new objects committed in one transaction.  They are held under the
@@ -46,6 +47,7 @@ storage per round, on storage files made fresh in a temporary directory:
 Rates are objects per second (``small2`` changes two objects per
 transaction); ``small1`` and ``small2`` also report the median (p50) and
 99th percentile (p99) latency of one transaction (change + commit).
+``--transactions K`` runs K small transactions instead of 500.
 
 What each storage does in each workload:
 
@@ -76,6 +78,43 @@ What each storage does in each workload:
     The worker runs in a fresh temporary directory, so relative paths in the
     file (``path data.fs``) give fresh files each round.
 
+With ``--postgresql`` the storages are these instead, and ratios are to
+``pg`` (each worker gets PostgreSQL databases made fresh for it and
+dropped after it, by ``benchmarks/backends.py`` with the tests' helpers;
+without a server that answers, the run stops at once and says so):
+
+``pg``
+    Plain RelStorage on one PostgreSQL database (history-preserving, the
+    default settings).  Everything lives there.
+``fs+pg``
+    A composite of a FileStorage primary ``main`` and a RelStorage
+    secondary ``other`` on PostgreSQL, with its journal a file; cross
+    targets are placed in ``other``, as ``composite2`` places them.
+``pg+pg``
+    A composite of two RelStorage children on PostgreSQL, ``main`` and
+    ``other``, each on a database of its own, with its journal a file;
+    cross targets in ``other``.
+
+With ``--zeo`` (and ``--clients 1,4``, the default: one run with one
+client, then one with four) each storage is served by a ``runzeo`` process
+of its own on a free port of 127.0.0.1, on fresh files, and ratios are to
+``zeo-fs``.  Each client is a worker process of its own, with a
+``ClientStorage``; the clients of a storage run each workload at the same
+time, each on its own N objects under its own mapping in the root (made
+before they start, so that they never conflict), and a rate is all their
+objects over the slowest client's time.  Placement happens on the server,
+so no storage places cross targets itself:
+
+``zeo-fs``
+    FileStorage served by ZEO.
+``zeo-composite``
+    A composite of two FileStorages served by ZEO, everything in the
+    primary (default placement): the cost of the served composite layer.
+``zeo-roundrobin``
+    The same with ``placement round-robin``: new oids alternate between
+    the partitions, so about half of all references cross partitions, and
+    most transactions touch both.
+
 Each round starts a fresh subprocess per storage (``bench.py --worker
 STORAGE``, on fresh files) and drives them in lockstep: each workload runs
 on every storage, one after the other, before the next workload starts; a
@@ -84,15 +123,18 @@ workload are then seconds apart, so that the drift of a noisy machine
 hardly enters their ratio.  With ``--repeat K`` (default 2) the whole set
 of workloads runs K times per round, on new objects in the same storage,
 and each storage keeps its quickest run of each workload: on a machine
-whose speed drifts, the slow runs measure the machine.  FileStorage runs
-first and again last in each round (``fs-again``, a worker of its own);
-the round's reference rate is the geometric mean of the two, and their
-ratio is printed as "fs noise".  The order of the other storages rotates
-by one each round.  The table gives, per workload and storage, the median
-rate over the rounds and, in brackets, the median over the rounds of the
-ratio to the round's FileStorage rate; then p50/p99 latencies of the small
-transactions (medians over rounds) and each storage's peak worker RSS
-(``ru_maxrss``, maximum over rounds).
+whose speed drifts, the slow runs measure the machine.  The reference
+(FileStorage; ``pg`` or ``zeo-fs`` in the other modes) runs first and
+again last in each round (``fs-again``, a worker of its own); the round's
+reference rate is the geometric mean of the two, and their ratio is
+printed as "fs noise".  The order of the other storages rotates by one
+each round.  The table gives, per workload and storage, the median rate
+over the rounds and, in brackets, the median over the rounds of the ratio
+to the round's reference rate; then p50/p99 latencies of the small
+transactions (medians over rounds), each storage's peak worker RSS
+(``ru_maxrss``, maximum over rounds; the clients', not the ZEO server's)
+and its disk use at the end of the last round (files, and PostgreSQL's
+``pg_database_size`` of its databases).
 """
 import argparse
 import gc
@@ -108,7 +150,14 @@ import time
 
 from persistent import Persistent
 
+import backends
+
 STORAGES = ('fs', 'multidb', 'composite1', 'composite2')
+#: The storages of each mode; the first is the reference of the ratios.
+MODES = {'files': STORAGES, 'postgresql': tuple(backends.POSTGRES),
+         'zeo': backends.ZEO}
+#: The storages whose cross targets are placed in partition ``other``.
+PLACE_OTHER = ('composite2', 'fs+pg', 'pg+pg')
 WORKLOADS = ('add', 'update', 'cold', 'warm', 'hot',
              'xadd', 'xupdate', 'xcold', 'small1', 'small2')
 SMALL = ('small1', 'small2')
@@ -135,11 +184,15 @@ class Store:
     second database) where the storage kind has one, else does nothing.
     """
 
-    def __init__(self, kind, directory, zconfig=None, cache_size=100000):
+    def __init__(self, kind, directory, zconfig=None, cache_size=100000,
+                 databases=(), address=None, client=None):
         self.kind = kind
         self.dir = directory
         self.zconfig = zconfig
         self.cache_size = cache_size
+        self.databases = databases
+        self.address = address
+        self.client = client
         self.db = None
         self.other_db = None
 
@@ -168,6 +221,16 @@ class Store:
         elif self.kind.startswith('zconfig:'):
             self.db = ZODB.DB(open_zconfig_storage(self.zconfig),
                               cache_size=cs)
+        elif self.kind in backends.POSTGRES:
+            import ZODB.config
+            self.db = ZODB.DB(ZODB.config.storageFromString(
+                backends.postgres_config(self.kind, self.dir,
+                                         self.databases)), cache_size=cs)
+        elif self.kind in backends.ZEO:
+            from ZEO.ClientStorage import ClientStorage
+            host, port = self.address.rsplit(':', 1)
+            self.db = ZODB.DB(ClientStorage((host, int(port))),
+                              cache_size=cs)
         else:
             raise SystemExit('unknown storage %r' % self.kind)
         return self.db
@@ -183,12 +246,20 @@ class Store:
         gc.collect()
         return self.open()
 
+    def home(self, conn):
+        """The mapping that holds this worker's objects: the root, or a
+        served client's own mapping in it."""
+        root = conn.root()
+        if self.client is None:
+            return root
+        return root[backends.client_home(self.client)]
+
     def place_other(self, conn, objs):
         if self.kind == 'multidb':
             other = conn.get_connection('other')
             for obj in objs:
                 other.add(obj)
-        elif self.kind == 'composite2':
+        elif self.kind in PLACE_OTHER:
             from compositestorage import placement
             with placement(conn, 'other'):
                 for obj in objs:
@@ -236,13 +307,14 @@ def _percentile(sorted_values, q):
     return sorted_values[k]
 
 
-def _small(results, name, tm, objs_per_txn):
-    """Run SMALL_TXNS transactions; ``objs_per_txn(i)`` gives their objects."""
+def _small(results, name, tm, objs_per_txn, txns=SMALL_TXNS):
+    """Run ``txns`` transactions; ``objs_per_txn(i)`` gives their
+    objects."""
     gc.collect()
     latencies = []
     clock = time.perf_counter
     start = clock()
-    for i in range(SMALL_TXNS):
+    for i in range(txns):
         t0 = clock()
         tm.begin()
         for obj in objs_per_txn(i):
@@ -252,20 +324,22 @@ def _small(results, name, tm, objs_per_txn):
     seconds = clock() - start
     latencies.sort()
     count = 0
-    for i in range(SMALL_TXNS):
+    for i in range(txns):
         count += len(objs_per_txn(i))
     results[name] = {
-        'objects': count, 'transactions': SMALL_TXNS, 'seconds': seconds,
+        'objects': count, 'transactions': txns, 'seconds': seconds,
         'rate': count / seconds,
         'p50_ms': _percentile(latencies, 0.50) * 1000,
         'p99_ms': _percentile(latencies, 0.99) * 1000,
     }
 
 
-def phases(kind, n, zconfig=None, repeat=1):
+def phases(kind, n, zconfig=None, repeat=1, txns=SMALL_TXNS, **where):
     """Run the workloads one by one: yields ``(workload, result)`` after
     each, ``repeat`` times over (each time on new objects in the same
-    storage), and ``('done', totals)`` at the end.
+    storage), and ``('done', totals)`` at the end.  ``where`` names what
+    the driver made for the storage (``databases``, ``address``) and the
+    index of a served ``client``.
 
     The driver resumes each storage's worker for one workload at a time,
     so that every storage runs a workload within seconds of the others.
@@ -273,10 +347,10 @@ def phases(kind, n, zconfig=None, repeat=1):
     with tempfile.TemporaryDirectory(prefix='csbench-') as directory:
         os.chdir(directory)
         store = Store(kind, directory, zconfig,
-                      cache_size=2 * n * repeat + 1000)
+                      cache_size=2 * n * repeat + 1000, **where)
         store.open()
         for rep in range(repeat):
-            for step in _one_set(store, n, '%d' % rep):
+            for step in _one_set(store, n, '%d' % rep, txns):
                 yield step
         disk = store.disk_bytes()
         store.close()
@@ -288,7 +362,7 @@ def phases(kind, n, zconfig=None, repeat=1):
     yield 'done', {'rss_kb': rss_kb, 'disk_bytes': disk}
 
 
-def _one_set(store, n, key):
+def _one_set(store, n, key, txns=SMALL_TXNS):
     """Every workload once, on new objects under root keys ending in
     ``key``; yields ``(workload, result)`` after each."""
     import transaction
@@ -314,7 +388,7 @@ def _one_set(store, n, key):
 
     def add():
         tm.begin()
-        conn.root()['objs' + key] = chunked(objs)
+        store.home(conn)['objs' + key] = chunked(objs)
         tm.commit()
     _timed(results, 'add', n, add)
     yield result('add')
@@ -333,7 +407,7 @@ def _one_set(store, n, key):
     db = store.reopen()
     conn, tm = new_conn(db)
     tm.begin()
-    root = conn.root()
+    root = store.home(conn)
     holder = {}
 
     def read_all():
@@ -367,7 +441,7 @@ def _one_set(store, n, key):
     def xadd():
         tm.begin()
         store.place_other(conn, targets)
-        conn.root()['xsources' + key] = chunked(sources)
+        store.home(conn)['xsources' + key] = chunked(sources)
         tm.commit()
     _timed(results, 'xadd', 2 * half, xadd)
     yield result('xadd')
@@ -386,7 +460,7 @@ def _one_set(store, n, key):
     db = store.reopen()
     conn, tm = new_conn(db)
     tm.begin()
-    root = conn.root()
+    root = store.home(conn)
 
     def xread():
         total = 0
@@ -402,16 +476,17 @@ def _one_set(store, n, key):
     sources = [s for chunk in root['xsources' + key] for s in chunk]
     pairs = [(s, s.ref) for s in sources]
     tm.abort()
-    _small(results, 'small1', tm, lambda i: (objs[i % len(objs)],))
+    _small(results, 'small1', tm, lambda i: (objs[i % len(objs)],), txns)
     yield result('small1')
-    _small(results, 'small2', tm, lambda i: pairs[i % len(pairs)])
+    _small(results, 'small2', tm, lambda i: pairs[i % len(pairs)], txns)
     yield result('small2')
     conn.close()
 
 
-def serve_worker(kind, n, zconfig=None, repeat=1):
+def serve_worker(kind, n, zconfig=None, repeat=1, txns=SMALL_TXNS,
+                 **where):
     """Run one workload per ``go`` line on stdin, answering in JSON."""
-    work = phases(kind, n, zconfig, repeat)
+    work = phases(kind, n, zconfig, repeat, txns, **where)
     for line in sys.stdin:
         if line.strip() != 'go':
             break
@@ -425,27 +500,32 @@ def serve_worker(kind, n, zconfig=None, repeat=1):
 # --- driver -------------------------------------------------------------------
 
 class Worker:
-    """A fresh worker process for one storage in one round."""
+    """A fresh worker process for one storage (or for one served client
+    of it) in one round."""
 
-    def __init__(self, kind, n, zconfigs, repeat=1, label=None):
+    def __init__(self, kind, n, zconfigs, repeat=1, extra=(),
+                 txns=SMALL_TXNS):
         cmd = [sys.executable, os.path.abspath(__file__), '--worker', kind,
-               '-n', str(n), '--repeat', str(repeat)]
+               '-n', str(n), '--repeat', str(repeat),
+               '--transactions', str(txns)] + list(extra)
         if kind.startswith('zconfig:'):
             cmd += ['--zconfig', zconfigs[kind]]
-        self.kind = label or kind
+        self.kind = kind
         self.stderr = tempfile.TemporaryFile(mode='w+')
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True)
-        self.results = {}
 
-    def step(self, expected):
-        """Run the next workload, which must be ``expected``."""
+    def go(self):
+        """Let the worker run its next workload."""
         try:
             self.proc.stdin.write('go\n')
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass
+
+    def answer(self, expected):
+        """The result of the workload it ran, which must be ``expected``."""
         line = self.proc.stdout.readline()
         if not line:
             self.fail('exited')
@@ -455,9 +535,78 @@ class Worker:
         if name == 'done':
             self.proc.wait()
             self.stderr.close()
-            return dict(result, storage=self.kind, results=self.best(),
+        return result
+
+    def fail(self, what):
+        self.stop()
+        self.stderr.seek(0)
+        sys.stderr.write(self.stderr.read())
+        raise SystemExit('worker %s %s (exit code %s)'
+                         % (self.kind, what, self.proc.returncode))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def combine(answers):
+    """One workload's result over clients that ran it at the same time:
+    all their objects over the slowest one's seconds, and the slowest
+    client's p50 and p99."""
+    if len(answers) == 1:
+        return answers[0]
+    objects = sum(a['objects'] for a in answers)
+    seconds = max(a['seconds'] for a in answers)
+    out = dict(answers[0], objects=objects, seconds=seconds,
+               rate=objects / seconds, clients=len(answers))
+    if 'transactions' in out:
+        out['transactions'] = sum(a['transactions'] for a in answers)
+        out['p50_ms'] = max(a['p50_ms'] for a in answers)
+        out['p99_ms'] = max(a['p99_ms'] for a in answers)
+    return out
+
+
+class Contender:
+    """One storage in one round: what it needs outside its workers
+    (``backends``: PostgreSQL databases, a ZEO server) and its worker
+    processes, one per served client, which run each workload at the
+    same time.  A storage that is not served has one worker."""
+
+    def __init__(self, kind, n, zconfigs, repeat=1, label=None, clients=1,
+                 txns=SMALL_TXNS):
+        self.kind = label or kind
+        self.results = {}
+        self.workers = []
+        self.backing = backends.backing(kind, clients)
+        try:
+            if kind not in backends.ZEO:
+                clients = 1
+            for i in range(clients):
+                extra = self.backing.worker_args()
+                if kind in backends.ZEO:
+                    extra += ['--client', str(i)]
+                self.workers.append(
+                    Worker(kind, n, zconfigs, repeat, extra, txns))
+        except BaseException:
+            self.close()
+            raise
+
+    def step(self, expected):
+        """Run the next workload, which must be ``expected``, in every
+        worker at once; at ``done``, the contender's results."""
+        for w in self.workers:
+            w.go()
+        answers = [w.answer(expected) for w in self.workers]
+        if expected == 'done':
+            disk = sum(a['disk_bytes'] for a in answers)
+            disk += self.backing.disk_bytes() or 0
+            return dict(self.backing.describe(), storage=self.kind,
+                        clients=len(answers),
+                        rss_kb=max(a['rss_kb'] for a in answers),
+                        disk_bytes=disk, results=self.best(),
                         repeats=self.results)
-        self.results.setdefault(name, []).append(result)
+        self.results.setdefault(expected, []).append(combine(answers))
 
     def best(self):
         """Each workload's quickest repetition: on a machine whose speed
@@ -465,68 +614,71 @@ class Worker:
         return {name: max(runs, key=lambda r: r['rate'])
                 for name, runs in self.results.items()}
 
-    def fail(self, what):
-        self.proc.kill()
-        self.proc.wait()
-        self.stderr.seek(0)
-        sys.stderr.write(self.stderr.read())
-        raise SystemExit('worker %s %s (exit code %s)'
-                         % (self.kind, what, self.proc.returncode))
+    def close(self):
+        for w in self.workers:
+            w.stop()
+        self.backing.close()
 
 
-#: The second FileStorage run of each round, which brackets the others.
-FS_AGAIN = 'fs-again'
+def again(reference):
+    """The label of the reference's second run in each round, which
+    brackets the others (``fs-again``)."""
+    return reference + '-again'
 
 
-def run_round(order, n, zconfigs, repeat=1):
-    """One round: a fresh worker per storage, driven in lockstep.
+def run_round(order, n, zconfigs, repeat=1, reference='fs', clients=1,
+              txns=SMALL_TXNS):
+    """One round: a fresh contender per storage, driven in lockstep.
 
     Each workload runs on every storage before the next workload starts,
     so the storages' runs of one workload are seconds apart, not minutes;
     with ``repeat``, the whole set of workloads runs that many times, each
-    storage keeping its quickest run of each workload.  FileStorage runs
-    first and again last (``fs-again``, a worker of its own): the
-    reference for the round is the geometric mean of the two, which
-    cancels a drift of the machine across the storages in between, and the
-    ratio of the two shows how noisy the machine was.
+    storage keeping its quickest run of each workload.  The ``reference``
+    storage runs first and again last (``fs-again``, a contender of its
+    own): the reference for the round is the geometric mean of the two,
+    which cancels a drift of the machine across the storages in between,
+    and the ratio of the two shows how noisy the machine was.
     """
-    others = [kind for kind in order if kind != 'fs']
-    workers = ([Worker('fs', n, zconfigs, repeat)]
-               + [Worker(kind, n, zconfigs, repeat) for kind in others]
-               + [Worker('fs', n, zconfigs, repeat, label=FS_AGAIN)])
+    plan = ([(reference, None)]
+            + [(kind, None) for kind in order if kind != reference]
+            + [(reference, again(reference))])
+    contenders = []
     try:
+        for kind, label in plan:
+            contenders.append(Contender(kind, n, zconfigs, repeat, label,
+                                        clients, txns))
         for _ in range(repeat):
             for workload in WORKLOADS:
-                for w in workers:
-                    w.step(workload)
-        results = [w.step('done') for w in workers]
+                for c in contenders:
+                    c.step(workload)
+        results = [c.step('done') for c in contenders]
     finally:
-        for w in workers:
-            if w.proc.poll() is None:
-                w.proc.kill()
-                w.proc.wait()
+        for c in contenders:
+            c.close()
     return {r['storage']: dict(r, n=n) for r in results}
 
 
-def reference_rate(round_, workload):
-    """The round's FileStorage rate for ``workload``: the geometric mean of
+def reference_rate(round_, workload, reference='fs'):
+    """The round's reference rate for ``workload``: the geometric mean of
     its run before and its run after the other storages."""
-    first = round_['fs']['results'][workload]['rate']
-    again = round_.get(FS_AGAIN)
-    if again is None:
+    first = round_[reference]['results'][workload]['rate']
+    second = round_.get(again(reference))
+    if second is None:
         return first
-    return math.sqrt(first * again['results'][workload]['rate'])
+    return math.sqrt(first * second['results'][workload]['rate'])
 
 
 def summarize(storages, rounds):
-    """Medians over rounds; ``rounds`` is a list of {storage: worker_result}."""
-    summary = {}
+    """Medians over rounds; ``rounds`` is a list of {storage: result}.
+    Ratios are to ``storages[0]``, the reference."""
+    reference = storages[0]
+    summary = {'reference': reference}
     for wl in WORKLOADS:
         summary[wl] = {}
         for kind in storages:
             per_round = [r[kind]['results'][wl] for r in rounds]
-            refs = [reference_rate(r, wl) for r in rounds]
-            if kind == 'fs':
+            refs = [reference_rate(r, wl, reference) for r in rounds]
+            if kind == reference:
                 rates = refs
                 ratios = [1.0] * len(rounds)
             else:
@@ -534,7 +686,7 @@ def summarize(storages, rounds):
                 ratios = [rate / ref for rate, ref in zip(rates, refs)]
             entry = {
                 'rate': statistics.median(rates),
-                'ratio_to_fs': statistics.median(ratios),
+                'ratio': statistics.median(ratios),
                 'rates': rates,
                 'ratios': ratios,
             }
@@ -544,9 +696,10 @@ def summarize(storages, rounds):
                 entry['p99_ms'] = statistics.median(
                     x['p99_ms'] for x in per_round)
             summary[wl][kind] = entry
-    summary['fs_noise'] = {
+    summary['noise'] = {
         wl: statistics.median(
-            r[FS_AGAIN]['results'][wl]['rate'] / r['fs']['results'][wl]['rate']
+            r[again(reference)]['results'][wl]['rate']
+            / r[reference]['results'][wl]['rate']
             for r in rounds)
         for wl in WORKLOADS}
     summary['rss_kb'] = {kind: max(r[kind]['rss_kb'] for r in rounds)
@@ -566,25 +719,37 @@ def _rate(x):
     return '%.0f/s' % x
 
 
-def format_table(storages, summary, n, nrounds, repeat=1):
+#: What the reference of each mode is, for the table's header.
+REFERENCE_NAMES = {'fs': 'a FileStorage run',
+                   'pg': 'a RelStorage-on-PostgreSQL run',
+                   'zeo-fs': 'a run on FileStorage served by ZEO'}
+
+
+def format_table(storages, summary, n, nrounds, repeat=1, clients=1):
+    ref = storages[0]
     width = max(20, max(len(s) for s in storages) + 2)
     lines = ['objects per second, median of %d round(s) (each the best of '
-             '%d run(s)), N=%d; (x) = median per-round ratio to fs'
-             % (nrounds, repeat, n),
-             'fs is the geometric mean of a FileStorage run before and one '
-             'after the others;',
-             'fs noise = median ratio of the second run to the first', '']
+             '%d run(s)), N=%d; (x) = median per-round ratio to %s'
+             % (nrounds, repeat, n, ref)]
+    if clients > 1:
+        lines.append('%d concurrent clients, N objects each; a rate is '
+                     'all their objects over the slowest one\'s time'
+                     % clients)
+    lines += ['%s is the geometric mean of %s before and one '
+              'after the others;' % (ref, REFERENCE_NAMES[ref]),
+              '%s noise = median ratio of the second run to the first'
+              % ref, '']
     head = ('%-9s' % 'workload' + ''.join('%*s' % (width, s)
                                           for s in storages)
-            + '%*s' % (width, 'fs noise'))
+            + '%*s' % (width, '%s noise' % ref))
     lines += [head, '-' * len(head)]
     for wl in WORKLOADS:
         cells = []
         for kind in storages:
             e = summary[wl][kind]
             cells.append('%*s' % (width, '%s (%.2f)' % (_rate(e['rate']),
-                                                        e['ratio_to_fs'])))
-        cells.append('%*s' % (width, '(%.2f)' % summary['fs_noise'][wl]))
+                                                        e['ratio'])))
+        cells.append('%*s' % (width, '(%.2f)' % summary['noise'][wl]))
         lines.append('%-9s' % wl + ''.join(cells))
     lines.append('')
     for wl in SMALL:
@@ -665,10 +830,14 @@ def overlay_read_ratio(n, repeat=3):
         times['overlaid'] / times['whole'])
 
 
-def main(argv=None):
+def _parser():
     parser = argparse.ArgumentParser(
         description='Benchmark compositestorage against FileStorage and a '
-                    'ZODB multi-database (zodbshootout-style workloads).',
+                    'ZODB multi-database (zodbshootout-style workloads); '
+                    'with --postgresql, composites with PostgreSQL '
+                    'children against plain RelStorage on PostgreSQL; '
+                    'with --zeo, composites served by ZEO against '
+                    'FileStorage served by ZEO.',
         epilog='Workloads: %s. See the module docstring for what each '
                'storage does in each workload.' % ', '.join(WORKLOADS))
     parser.add_argument('-n', type=int, default=20000,
@@ -680,15 +849,40 @@ def main(argv=None):
                         help='runs of the whole set of workloads in each '
                              'round; each storage keeps its quickest run of '
                              'each workload (default 2)')
+    parser.add_argument('--transactions', type=int, default=SMALL_TXNS,
+                        help='transactions of each small workload (default '
+                             '%d)' % SMALL_TXNS)
     parser.add_argument('--quick', action='store_true',
                         help='shorthand for -n 200 --rounds 1 --repeat 1')
-    parser.add_argument('--storages', default=','.join(STORAGES),
-                        help='comma-separated subset of %s (fs is always '
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument('--postgresql', action='store_true',
+                      help='run %s instead: plain RelStorage on one fresh '
+                           'PostgreSQL database (the reference), a '
+                           'composite of a FileStorage primary and a '
+                           'PostgreSQL secondary, and one of two PostgreSQL '
+                           'children; every database is made for the run '
+                           'and dropped after it (server: '
+                           'COMPOSITE_PG_HOST, COMPOSITE_PG_PORT, '
+                           'COMPOSITE_PG_USER; default 127.0.0.1:5432, '
+                           'postgres)' % ','.join(MODES['postgresql']))
+    mode.add_argument('--zeo', action='store_true',
+                      help='run %s instead: FileStorage served by ZEO (the '
+                           'reference), a composite of two FileStorages '
+                           'served by ZEO, and the same with round-robin '
+                           'placement; each a runzeo process of its own on '
+                           '127.0.0.1' % ','.join(MODES['zeo']))
+    parser.add_argument('--clients', default=None, metavar='C,C...',
+                        help='with --zeo: the numbers of concurrent client '
+                             'processes, one run each (default 1,4)')
+    parser.add_argument('--storages', default=None,
+                        help='comma-separated subset of the mode\'s '
+                             'storages (default %s; the first is always '
                              'run: ratios are to it)' % ','.join(STORAGES))
     parser.add_argument('--zconfig', action='append', default=[],
                         metavar='FILE',
                         help='also benchmark the storage this ZConfig file '
-                             'describes (repeatable; run like fs)')
+                             'describes (repeatable; run like the '
+                             'reference; not with --zeo)')
     parser.add_argument('--json', metavar='FILE',
                         help='write all results, per-round raw figures '
                              'included, to FILE')
@@ -701,6 +895,66 @@ def main(argv=None):
                              'object against the same object stored whole '
                              '(N objects) and print the ratio')
     parser.add_argument('--worker', metavar='STORAGE', help=argparse.SUPPRESS)
+    parser.add_argument('--databases', help=argparse.SUPPRESS)
+    parser.add_argument('--address', help=argparse.SUPPRESS)
+    parser.add_argument('--client', type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def _storages(parser, args, mode):
+    """The storages to run, the mode's reference first, then zconfigs."""
+    known = MODES[mode]
+    storages = ([s.strip() for s in args.storages.split(',') if s.strip()]
+                if args.storages else list(known))
+    for s in storages:
+        if s not in known:
+            parser.error('unknown storage %r (this mode has %s)'
+                         % (s, ', '.join(known)))
+    storages = [known[0]] + [s for s in storages if s != known[0]]
+    zconfigs = {}
+    for path in args.zconfig:
+        name = 'zconfig:' + os.path.splitext(os.path.basename(path))[0]
+        while name in zconfigs:
+            name += "'"
+        zconfigs[name] = os.path.abspath(path)
+        storages.append(name)
+    return storages, zconfigs
+
+
+def _client_counts(parser, args):
+    if args.clients is None:
+        return [1, 4] if args.zeo else [1]
+    if not args.zeo:
+        parser.error('--clients needs --zeo')
+    try:
+        counts = [int(c) for c in args.clients.split(',') if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error('--clients takes numbers >= 1, e.g. 1,4')
+    return counts
+
+
+def run(storages, zconfigs, args, clients=1):
+    """Every round of one run; prints progress, returns the rounds."""
+    started = time.time()
+    rounds = []
+    others = storages[1:]
+    for r in range(args.rounds):
+        k = r % len(others) if others else 0
+        order = others[k:] + others[:k]
+        rounds.append(run_round(order, args.n, zconfigs, args.repeat,
+                                reference=storages[0], clients=clients,
+                                txns=args.transactions))
+        print('round %d/%d done (%s %s %s), %.0f s elapsed'
+              % (r + 1, args.rounds, storages[0], ' '.join(order),
+                 again(storages[0]), time.time() - started),
+              file=sys.stderr)
+    return rounds
+
+
+def main(argv=None):
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.rounds, args.repeat = 200, 1, 1
@@ -712,52 +966,56 @@ def main(argv=None):
                   args.n, whole / args.n * 1e6, overlaid / args.n * 1e6,
                   ratio))
         return 0
-    if args.n < 2 or args.rounds < 1 or args.repeat < 1:
-        parser.error('need -n >= 2, --rounds >= 1 and --repeat >= 1')
+    if (args.n < 2 or args.rounds < 1 or args.repeat < 1
+            or args.transactions < 1):
+        parser.error('need -n >= 2, --rounds >= 1, --repeat >= 1 and '
+                     '--transactions >= 1')
 
     if args.profile:
         return profile(args.profile, args.n, args.zconfig)
 
     if args.worker:
         zconfig = os.path.abspath(args.zconfig[0]) if args.zconfig else None
-        serve_worker(args.worker, args.n, zconfig, args.repeat)
+        databases = args.databases.split(',') if args.databases else ()
+        serve_worker(args.worker, args.n, zconfig, args.repeat,
+                     args.transactions, databases=databases,
+                     address=args.address,
+                     client=args.client)
         return 0
 
-    storages = [s.strip() for s in args.storages.split(',') if s.strip()]
-    for s in storages:
-        if s not in STORAGES:
-            parser.error('unknown storage %r' % s)
-    if 'fs' in storages:
-        storages.remove('fs')
-    storages.insert(0, 'fs')
-    zconfigs = {}
-    for path in args.zconfig:
-        name = 'zconfig:' + os.path.splitext(os.path.basename(path))[0]
-        while name in zconfigs:
-            name += "'"
-        zconfigs[name] = os.path.abspath(path)
-        storages.append(name)
+    mode = ('postgresql' if args.postgresql else
+            'zeo' if args.zeo else 'files')
+    if args.zeo and args.zconfig:
+        parser.error('--zconfig storages are not served: not with --zeo')
+    counts = _client_counts(parser, args)
+    storages, zconfigs = _storages(parser, args, mode)
+    if mode == 'postgresql':
+        missing = (backends.postgres_unavailable()
+                   or backends.postgres_too_many(args.n))
+        if missing:
+            raise SystemExit('bench.py: ' + missing)
 
     started = time.time()
-    rounds = []
-    others = storages[1:]
-    for r in range(args.rounds):
-        k = r % len(others) if others else 0
-        order = others[k:] + others[:k]
-        rounds.append(run_round(order, args.n, zconfigs, args.repeat))
-        print('round %d/%d done (fs %s fs-again), %.0f s elapsed'
-              % (r + 1, args.rounds, ' '.join(order), time.time() - started),
-              file=sys.stderr)
-    summary = summarize(storages, rounds)
-    print(format_table(storages, summary, args.n, args.rounds, args.repeat))
+    runs = []
+    for clients in counts:
+        rounds = run(storages, zconfigs, args, clients)
+        summary = summarize(storages, rounds)
+        if runs:
+            print()
+        print(format_table(storages, summary, args.n, args.rounds,
+                           args.repeat, clients))
+        runs.append({'clients': clients, 'summary': summary, 'raw': rounds})
     wall = time.time() - started
     print('\nwall time %.1f s' % wall)
     if args.json:
         out = {'n': args.n, 'rounds': args.rounds, 'repeat': args.repeat,
-               'storages': storages,
-               'workloads': list(WORKLOADS), 'small_transactions': SMALL_TXNS,
+               'mode': mode, 'storages': storages,
+               'reference': storages[0],
+               'workloads': list(WORKLOADS),
+               'small_transactions': args.transactions,
                'python': sys.version, 'wall_seconds': wall,
-               'zconfig': zconfigs, 'summary': summary, 'raw': rounds}
+               'zconfig': zconfigs, 'summary': runs[0]['summary'],
+               'raw': runs[0]['raw'], 'runs': runs}
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1)
     return 0

@@ -4,12 +4,13 @@ PostgreSQL (a real server on 127.0.0.1:5432, trust authentication).
 Each test database is created for the test and dropped after it.  Where no
 PostgreSQL server answers, the tests that need one skip with the reason;
 under CI (``CI=true``) a missing server is a failure, not a skip.
+
+``benchmarks/bench.py --postgresql`` uses the same helpers to make and drop
+its databases, so this module imports pytest only where it skips or fails.
 """
 import contextlib
 import os
 import uuid
-
-import pytest
 
 PG_HOST = os.environ.get('COMPOSITE_PG_HOST', '127.0.0.1')
 PG_PORT = int(os.environ.get('COMPOSITE_PG_PORT', '5432'))
@@ -43,6 +44,7 @@ def require_postgres():
     reason = postgres_available()
     if reason is None:
         return
+    import pytest
     if os.environ.get('CI') == 'true':
         pytest.fail('CI=true needs a PostgreSQL server: ' + reason)
     pytest.skip(reason)
@@ -61,6 +63,34 @@ def postgres_database():
     finally:
         with conn.cursor() as cursor:
             cursor.execute('DROP DATABASE IF EXISTS %s WITH (FORCE)' % name)
+        conn.close()
+
+
+def postgres_database_size(name):
+    """Bytes on disk of database ``name`` (PostgreSQL's own count)."""
+    conn = _admin()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute('SELECT pg_database_size(%s)', (name,))
+            return cursor.fetchone()[0]
+    finally:
+        conn.close()
+
+
+def postgres_lock_slots():
+    """The size of the server's shared lock table: ``max_locks_per_
+    transaction`` times (``max_connections`` + ``max_prepared_
+    transactions``).  RelStorage on PostgreSQL takes one lock per object
+    a commit changes, so a commit can change at most about this many."""
+    conn = _admin()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                "SELECT current_setting('max_locks_per_transaction')::int"
+                " * (current_setting('max_connections')::int"
+                " + current_setting('max_prepared_transactions')::int)")
+            return cursor.fetchone()[0]
+    finally:
         conn.close()
 
 
