@@ -1,7 +1,9 @@
 """A writer process for the crash tests (run as a script, killed with -9).
 
 ``python crash_writer.py DIR COUNT`` opens a composite of three FileStorage
-partitions (main, b and c) in DIR.  Each transaction adds 1 to a counter in
+partitions (main, b and c) in DIR; with ``CONFIG=FILE`` it opens the
+composite that ZConfig file describes instead (RelStorage children, say),
+whose partitions must be named main, b and c with prefixes 0, 1 and 2.  Each transaction adds 1 to a counter in
 each partition and, once ``tpc_finish`` has returned, prints ``done TID N
 NAMES`` (flushed; NAMES are the partitions it touched, comma-separated).
 It prints ``ready`` after opening.
@@ -16,7 +18,8 @@ check can tell, from any child alone, which partitions must hold it.
 commit protocol or recovery passes POINT (see ``compositestorage.faults``).
 ``FSYNC_LOG=FILE`` records, for every fsync, the file, its size then and
 (for small files, rewritten in place) its content, so a test can put each
-file back to what was durable (as a power loss would).  ``RAISE_IN_FINISH=NAME`` wraps partition NAME's child so that its
+file back to what was durable (as a power loss would).
+``RAISE_IN_FINISH=NAME`` wraps partition NAME's child so that its
 ``tpc_finish`` raises (after the real one when it ends in ``+``).
 """
 import os
@@ -89,7 +92,13 @@ class RaisingInFinish:
         return getattr(self._storage, name)
 
 
-def open_composite(directory, raise_in=None):
+def open_composite(directory, raise_in=None, config=None):
+    """The composite in ``directory``, or the one ``config`` (the path of
+    a ZConfig file) describes."""
+    if config:
+        import ZODB.config
+        with open(config) as f:
+            return ZODB.config.storageFromFile(f)
     children = []
     for name, prefix in PARTS:
         fs = FileStorage(os.path.join(directory, name + '.fs'))
@@ -119,7 +128,8 @@ def main():
         install_fsync_log(os.environ['FSYNC_LOG'])
     if os.environ.get('CRASH_AT'):
         install_crash(os.environ['CRASH_AT'])
-    storage = open_composite(directory, os.environ.get('RAISE_IN_FINISH'))
+    storage = open_composite(directory, os.environ.get('RAISE_IN_FINISH'),
+                             os.environ.get('CONFIG'))
     db = ZODB.DB(storage)
     conn = db.open()
     counters = ensure_counters(conn)

@@ -189,16 +189,27 @@ class RelStorageChild(Child):
                             'zoid > %%s' % self._current, (u64(lo), u64(hi)))
 
     def prefixes_held(self):
-        # one indexed probe per prefix: oids stay below 2**63
+        """The prefixes of the oids the child holds.
+
+        One indexed probe per prefix held, plus one: each finds the
+        lowest oid from the next possible prefix on, and so skips the
+        prefixes no oid has.  (Probing all 128 prefixes cost 128 queries
+        per call, twice per child at every open: a quarter of a second
+        for three PostgreSQL children, paid again at every reopen after a
+        crash.)  Oids stay below 2**63, so prefixes below 0x80."""
         held = set()
+        sql = ('SELECT MIN(zoid) FROM %s WHERE zoid >= %%s'
+               % self._current).replace('%s', self._mark)
         with self._cursor() as cursor:
-            for prefix in range(0x80):
-                cursor.execute(
-                    ('SELECT zoid FROM %s WHERE zoid >= %%s AND zoid <= %%s '
-                     'LIMIT 1' % self._current).replace('%s', self._mark),
-                    (prefix << 56, (prefix << 56) | (1 << 56) - 1))
-                if cursor.fetchall():
-                    held.add(prefix)
+            prefix = 0
+            while prefix < 0x80:
+                cursor.execute(sql, (prefix << 56,))
+                row = cursor.fetchall()
+                if not row or row[0][0] is None:
+                    break
+                found = row[0][0] >> 56
+                held.add(found)
+                prefix = found + 1
         return held
 
     def current_serial(self, oid):
