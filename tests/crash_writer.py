@@ -3,7 +3,8 @@
 ``python crash_writer.py DIR COUNT`` opens a composite of three FileStorage
 partitions (main, b and c) in DIR; with ``CONFIG=FILE`` it opens the
 composite that ZConfig file describes instead (RelStorage children, say),
-whose partitions must be named main, b and c with prefixes 0, 1 and 2.  Each transaction adds 1 to a counter in
+whose partitions must be named main, b and c with prefixes 0, 1 and 2.
+Each transaction adds 1 to a counter in
 each partition and, once ``tpc_finish`` has returned, prints ``done TID N
 NAMES`` (flushed; NAMES are the partitions it touched, comma-separated).
 It prints ``ready`` after opening.

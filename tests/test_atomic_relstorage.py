@@ -20,6 +20,7 @@ composite is reopened and every child is read alone
 module and dropped after it.
 """
 import contextlib
+import functools
 import json
 import os
 import random
@@ -44,6 +45,7 @@ from relstorage_engines import postgres_database
 from test_atomic import COMMIT_POINTS
 from test_atomic import _durable_state
 from test_atomic import _power_loss
+from test_atomic import run_writer_lines
 
 #: The kind of each child, by layout: 'fs' or 'pg'.
 LAYOUTS = {'fs-pg-fs': ('fs', 'pg', 'fs'), 'all-pg': ('pg', 'pg', 'pg')}
@@ -54,22 +56,22 @@ RANDOM_KILLS = 15
 
 
 class Rig:
-    """A layout with its databases, and every transaction the writers
-    acknowledged there so far (the tests of one layout go on from each
-    other's state: creating three databases per test would cost more than
-    the test)."""
+    """A layout and every transaction the writers acknowledged there so
+    far.  The tests of one layout go on from each other's state: three
+    new databases and a new seed per test would cost more than the test.
+    """
 
-    def __init__(self, layout, kinds, databases):
+    def __init__(self, layout, kinds):
         self.layout = layout
         self.kinds = kinds
-        self.databases = databases
         self.acknowledged = []
 
-    def run(self, count, env=None, kill_after=None):
-        """Run the writer; returns ``(exit code, acknowledged)``."""
-        code, acked = fork_writer_lines(
-            self.layout.directory, count, dict(self.layout.env, **env or {}),
-            kill_after)
+    def run(self, count, env=None, kill_after=None, fork=True):
+        """Run the writer (forked from this process, or with ``fork``
+        false as a script); returns ``(exit code, acknowledged)``."""
+        run = fork_writer_lines if fork else run_writer_lines
+        code, acked = run(self.layout.directory, count,
+                          dict(self.layout.env, **env or {}), kill_after)
         self.acknowledged.extend(acked)
         return code, acked
 
@@ -78,24 +80,25 @@ class Rig:
 
 
 def _layout(directory, kinds, databases):
+    """The :class:`Layout` of children of ``kinds`` ('fs' or 'pg', in the
+    order of ``NAMES``) in ``directory`` and ``databases``."""
     sections, alone = [], {}
-    for (name, prefix), kind in zip([(n, i) for i, n in enumerate(NAMES)],
-                                    kinds):
+    for prefix, (name, kind) in enumerate(zip(NAMES, kinds)):
         if kind == 'pg':
-            sections.append((name, prefix, child_section(
-                'postgresql', databases[name])))
-            alone[name] = (lambda where: lambda: open_child(
-                'postgresql', where))(databases[name])
+            section = child_section('postgresql', databases[name])
+            alone[name] = functools.partial(open_child, 'postgresql',
+                                            databases[name])
         else:
             path = str(directory / (name + '.fs'))
-            sections.append((name, prefix, '<filestorage>\n path %s\n'
-                             '</filestorage>' % path))
-            alone[name] = (lambda path: lambda: FileStorage(
-                path, read_only=True))(path)
+            section = '<filestorage>\n path %s\n</filestorage>' % path
+            alone[name] = functools.partial(FileStorage, path,
+                                            read_only=True)
+        sections.append((name, prefix, section))
     primary_file = kinds[0] == 'fs'
     if primary_file:
         sections.pop(0)     # composite_config writes main's section
     config = directory / 'composite.conf'
+    # a FileStorage primary has its journal beside it; else it is configured
     config.write_text(composite_config(directory, sections,
                                        primary_file=primary_file,
                                        journal=not primary_file))
@@ -111,8 +114,9 @@ def rig(request, tmp_path_factory):
     with contextlib.ExitStack() as stack:
         databases = {name: stack.enter_context(postgres_database())
                      for name, kind in zip(NAMES, kinds) if kind == 'pg'}
-        rig = Rig(_layout(directory, kinds, databases), kinds, databases)
-        code, acked = rig.run(1)
+        rig = Rig(_layout(directory, kinds, databases), kinds)
+        # the first writer runs as a script: python crash_writer.py, CONFIG
+        code, acked = rig.run(1, fork=False)
         assert code == 0 and len(acked) == 1
         yield rig
 
@@ -151,6 +155,9 @@ def test_kill_during_recovery(rig, point):
 
 
 def test_random_kills_with_mixed_transactions(rig):
+    """Kills at random instants, with transactions over one, two and
+    three partitions; the check after each, and every acknowledged one
+    kept."""
     rng = random.Random(int(os.environ.get('CRASH_SEED', '1313')))
     for kill in range(RANDOM_KILLS):
         code, _ = rig.run(10 ** 6, {'MIX': str(kill)},
