@@ -38,6 +38,9 @@ from atomic_checks import fork_writer_lines
 from compositestorage.cli import main as cli_main
 from compositestorage.journal import Journal
 from compositestorage.partition import is_internal
+from relstorage_engines import PG_HOST
+from relstorage_engines import PG_PORT
+from relstorage_engines import PG_USER
 from relstorage_engines import child_section
 from relstorage_engines import composite_config
 from relstorage_engines import open_child
@@ -61,9 +64,10 @@ class Rig:
     new databases and a new seed per test would cost more than the test.
     """
 
-    def __init__(self, layout, kinds):
+    def __init__(self, layout, kinds, databases):
         self.layout = layout
         self.kinds = kinds
+        self.databases = databases      # {name: PostgreSQL database}
         self.acknowledged = []
 
     def run(self, count, env=None, kill_after=None, fork=True):
@@ -114,7 +118,7 @@ def rig(request, tmp_path_factory):
     with contextlib.ExitStack() as stack:
         databases = {name: stack.enter_context(postgres_database())
                      for name, kind in zip(NAMES, kinds) if kind == 'pg'}
-        rig = Rig(_layout(directory, kinds, databases), kinds)
+        rig = Rig(_layout(directory, kinds, databases), kinds, databases)
         # the first writer runs as a script: python crash_writer.py, CONFIG
         code, acked = rig.run(1, fork=False)
         assert code == 0 and len(acked) == 1
@@ -152,6 +156,54 @@ def test_kill_during_recovery(rig, point):
         assert outcome is None      # the journal was cleared before
     else:
         assert outcome.action in ('rolled back', 'absent')
+
+
+@contextlib.contextmanager
+def slow_commits(database, seconds):
+    """Every commit of a RelStorage database takes ``seconds`` more, in
+    the server: a deferred trigger on its ``transaction`` table sleeps at
+    COMMIT.  Leaving waits for a commit still running."""
+    import psycopg2
+    conn = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER,
+                            dbname=database)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(
+                'CREATE FUNCTION slow_commit() RETURNS trigger AS $$ BEGIN '
+                'PERFORM pg_sleep(%s); RETURN NULL; END $$ '
+                'LANGUAGE plpgsql' % float(seconds))
+            cursor.execute(
+                'CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON '
+                '"transaction" DEFERRABLE INITIALLY DEFERRED FOR EACH ROW '
+                'EXECUTE FUNCTION slow_commit()')
+        yield
+    finally:
+        with conn.cursor() as cursor:
+            cursor.execute('DROP TRIGGER IF EXISTS slow_commit '
+                           'ON "transaction"')
+            cursor.execute('DROP FUNCTION IF EXISTS slow_commit()')
+        conn.close()
+
+
+def test_a_kill_while_the_server_commits(rig):
+    """The writer dies after main finished, while b's server runs its
+    COMMIT: the server finishes that commit after the client is gone.
+    The reopen must not decide from b before then: had it seen b without
+    the transaction, it would take it back from main only, and b would
+    hold it alone a moment later."""
+    with slow_commits(rig.databases['b'], 1.5):
+        code, acked = rig.run(5, {'PLAN': 'main,b,c',
+                                  'CRASH_AT': 'finished:main:1',
+                                  'CRASH_DELAY': '0.5'})
+        assert code == -signal.SIGKILL and acked == []
+        storage = rig.layout.open()     # at once: b is still committing
+        outcome = storage.recovered
+        storage.close()
+    # b's late commit is over (the trigger's drop waited for it)
+    assert outcome.action == 'rolled back'
+    assert outcome.rolled_back == ['main', 'b']
+    assert rig.check() is None
 
 
 def test_random_kills_with_mixed_transactions(rig):

@@ -219,6 +219,25 @@ class RelStorageChild(Child):
 
     # --- transactions -----------------------------------------------------
 
+    def settle(self):
+        """Wait for a commit that a coordinator which died left running in
+        the database server.
+
+        PostgreSQL finishes a COMMIT it was sent even when the client is
+        gone: killed while the server commits, the coordinator leaves the
+        child lacking the transaction for a moment, then holding it.
+        Recovery deciding in that moment took it back from the other
+        participants only, and the child held it alone
+        (``test_a_kill_while_the_server_commits`` in
+        tests/test_atomic_relstorage.py).  RelStorage holds its commit lock
+        from a commit's begin to its end: taking it, then letting go,
+        waits for that commit.  SQLite commits in the coordinator's
+        process, which a kill ends."""
+        if self._mark == '?':
+            return
+        with self._cursor() as cursor:
+            self._db.locker.hold_commit_lock(cursor)
+
     def last_finished(self):
         if self.keep_history:
             n = self._scalar('SELECT MAX(tid) FROM "transaction"')
