@@ -139,12 +139,17 @@ def check_mixed(layout, acknowledged, again=True):
                                                           name))
     assert Journal(layout.journal).read() is None
     if again:
-        again = layout.open()
-        try:
-            assert again.recovered is None and again.partial == []
-        finally:
-            again.close()
+        check_nothing_to_recover(layout)
     return outcome
+
+
+def check_nothing_to_recover(layout):
+    """An open finds nothing to recover and no partial transaction."""
+    storage = layout.open()
+    try:
+        assert storage.recovered is None and storage.partial == []
+    finally:
+        storage.close()
 
 
 def fork_writer_lines(directory, count, env=None, kill_after=None):
