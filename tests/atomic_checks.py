@@ -210,3 +210,18 @@ def fork_writer_lines(directory, count, env=None, kill_after=None):
                              % (code, errors.read().decode()))
     errors.close()
     return code, acknowledged
+
+
+def check_outcome(point, outcome):
+    """What recovery must have done after a kill at ``point`` of a commit
+    over all three partitions (finished in the order of ``NAMES``)."""
+    if point in ('finished:main', 'finished:b'):
+        # finished in some partitions, not in all: taken back from those
+        assert outcome.action == 'rolled back'
+        assert outcome.rolled_back == NAMES[:NAMES.index(point[9:]) + 1]
+    elif point == 'finished:c':
+        assert outcome.action == 'complete'     # finished everywhere
+    elif point == 'intent-written':
+        assert outcome.action == 'absent'       # finished nowhere
+    else:
+        assert outcome is None                  # no intent left behind

@@ -35,6 +35,7 @@ from atomic_checks import Layout
 from atomic_checks import NAMES
 from atomic_checks import check_mixed
 from atomic_checks import check_nothing_to_recover
+from atomic_checks import check_outcome
 from atomic_checks import fork_writer_lines
 from compositestorage.cli import main as cli_main
 from compositestorage.journal import Journal
@@ -136,16 +137,7 @@ def test_kill_at_every_point_of_the_protocol(rig, point):
     if outcome is not None:
         # what recovery did is done: a second open finds nothing to do
         check_nothing_to_recover(rig.layout)
-    if point in ('finished:main', 'finished:b'):
-        # finished in some partitions, not in all: taken back from those
-        assert outcome.action == 'rolled back'
-        assert outcome.rolled_back == NAMES[:NAMES.index(point[9:]) + 1]
-    elif point == 'finished:c':
-        assert outcome.action == 'complete'     # finished everywhere
-    elif point == 'intent-written':
-        assert outcome.action == 'absent'       # finished nowhere
-    else:
-        assert outcome is None                  # no intent left behind
+    check_outcome(point, outcome)
 
 
 @pytest.mark.parametrize('point', RECOVERY_POINTS)
