@@ -151,6 +151,9 @@ def recover(partitions, journal, dry_run=False):
                 '%s, which is not configured; configure that partition '
                 'again and reopen' % (journal.path, prefix, intent.tid.hex()))
         parts.append(part)
+    for part in parts:
+        # a commit the dead coordinator left running in a server ends first
+        part.child.settle()
     present = [p for p in parts if has_transaction(p, intent.tid)]
     if len(present) == len(parts):
         action, rolled_back = COMPLETE, []

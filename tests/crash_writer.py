@@ -1,10 +1,13 @@
 """A writer process for the crash tests (run as a script, killed with -9).
 
 ``python crash_writer.py DIR COUNT`` opens a composite of three FileStorage
-partitions (main, b and c) in DIR.  Each transaction adds 1 to a counter in
-each partition and, once ``tpc_finish`` has returned, prints ``done TID N
-NAMES`` (flushed; NAMES are the partitions it touched, comma-separated).
-It prints ``ready`` after opening.
+partitions (main, b and c) in DIR; with ``CONFIG=FILE`` it opens the
+composite that ZConfig file describes instead (RelStorage children, say),
+whose partitions must be named main, b and c with prefixes 0, 1 and 2.
+Each transaction adds 1 to a counter in each partition and, once
+``tpc_finish`` has returned, prints ``done TID N NAMES`` (flushed; NAMES
+are the partitions it touched, comma-separated).  It prints ``ready``
+after opening.
 
 ``MIX=SEED`` makes each transaction touch one, two or all three partitions,
 chosen at random (seeded by SEED and the process id); ``PLAN=main,b;b``
@@ -13,10 +16,12 @@ changes records the partitions of its transaction under ``with``, so a
 check can tell, from any child alone, which partitions must hold it.
 
 ``CRASH_AT=POINT:K`` kills the process with SIGKILL the K-th time the
-commit protocol or recovery passes POINT (see ``compositestorage.faults``).
+commit protocol or recovery passes POINT (see ``compositestorage.faults``);
+with ``CRASH_DELAY=SECONDS``, that many seconds later, while it goes on.
 ``FSYNC_LOG=FILE`` records, for every fsync, the file, its size then and
 (for small files, rewritten in place) its content, so a test can put each
-file back to what was durable (as a power loss would).  ``RAISE_IN_FINISH=NAME`` wraps partition NAME's child so that its
+file back to what was durable (as a power loss would).
+``RAISE_IN_FINISH=NAME`` wraps partition NAME's child so that its
 ``tpc_finish`` raises (after the real one when it ends in ``+``).
 """
 import os
@@ -36,15 +41,22 @@ from compositestorage import placement
 PARTS = (('main', 0), ('b', 1), ('c', 2))
 
 
-def install_crash(spec):
+def install_crash(spec, delay=None):
     name, _, count = spec.rpartition(':')
     remaining = [int(count)]
+
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def hook(point):
         if point == name:
             remaining[0] -= 1
-            if remaining[0] <= 0:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if remaining[0] == 0 and delay:
+                # killed while the writer goes on (inside a child's commit)
+                import threading
+                threading.Timer(float(delay), kill).start()
+            elif remaining[0] <= 0 and not delay:
+                kill()
 
     faults.hook = hook
 
@@ -89,7 +101,13 @@ class RaisingInFinish:
         return getattr(self._storage, name)
 
 
-def open_composite(directory, raise_in=None):
+def open_composite(directory, raise_in=None, config=None):
+    """The composite in ``directory``, or the one ``config`` (the path of
+    a ZConfig file) describes."""
+    if config:
+        import ZODB.config
+        with open(config) as f:
+            return ZODB.config.storageFromFile(f)
     children = []
     for name, prefix in PARTS:
         fs = FileStorage(os.path.join(directory, name + '.fs'))
@@ -118,8 +136,9 @@ def main():
     if os.environ.get('FSYNC_LOG'):
         install_fsync_log(os.environ['FSYNC_LOG'])
     if os.environ.get('CRASH_AT'):
-        install_crash(os.environ['CRASH_AT'])
-    storage = open_composite(directory, os.environ.get('RAISE_IN_FINISH'))
+        install_crash(os.environ['CRASH_AT'], os.environ.get('CRASH_DELAY'))
+    storage = open_composite(directory, os.environ.get('RAISE_IN_FINISH'),
+                             os.environ.get('CONFIG'))
     db = ZODB.DB(storage)
     conn = db.open()
     counters = ensure_counters(conn)

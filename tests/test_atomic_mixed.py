@@ -29,7 +29,8 @@ from compositestorage.errors import RecoveryError
 from compositestorage.journal import Intent
 from compositestorage.journal import Journal
 from compositestorage.recovery import participants_in
-from conftest import unpickle_record
+import atomic_checks
+from atomic_checks import Layout
 from crash_writer import PARTS
 from crash_writer import open_composite
 from test_atomic import _durable_state
@@ -37,69 +38,23 @@ from test_atomic import _power_loss
 from test_atomic import run_writer_lines
 
 NAMES = [name for name, _ in PARTS]
-PREFIX = dict(PARTS)
-NAME_OF = {prefix: name for name, prefix in PARTS}
 
 
 def child_history(directory, name):
     """``(tids, changes)`` of one child read alone: every tid, and for each
     transaction that changed its counter, the partitions it touched."""
-    fs = FileStorage(os.path.join(str(directory), name + '.fs'),
-                     read_only=True)
-    tids, changes = [], {}
+    storage = Layout.files(directory).alone[name]()
     try:
-        for txn in fs.iterator():
-            tids.append(txn.tid)
-            for record in txn:
-                if record.oid[0] != PREFIX[name] or not record.data:
-                    continue
-                state = unpickle_record(record.data)[1]
-                data = state.get('data', {}) if isinstance(state, dict) \
-                    else {}
-                if 'with' in data:
-                    changes[txn.tid] = tuple(data['with'])
+        return atomic_checks.child_history(storage, name)[:2]
     finally:
-        fs.close()
-    return tids, changes
+        storage.close()
 
 
 def check_mixed(directory, acknowledged):
     """Reopen (and so recover), then check that every transaction is in
     all the partitions it touched or in none, and nothing acknowledged is
-    lost.  Returns the reopened composite's ``recovered``."""
-    storage = open_composite(str(directory))
-    try:
-        outcome = storage.recovered
-        db = ZODB.DB(storage)
-        counters = db.open().root()['counters']
-        values = {name: counters[name]['n'] for name in NAMES}
-        db.close()
-    finally:
-        storage.close()
-    history = {name: child_history(directory, name) for name in NAMES}
-    for name in NAMES:
-        tids, changes = history[name]
-        # the counter is the count of this child's changes to it
-        assert values[name] == len(changes), (name, values, len(changes))
-        for tid, touched in changes.items():
-            for other in touched:
-                assert tid in history[other][0], (
-                    'transaction %s over %s is in %s but not in %s'
-                    % (tid.hex(), touched, name, other))
-    for tid, _, names in acknowledged:
-        for name in names:
-            assert tid in history[name][0], (
-                'acknowledged %s over %s lost from %s' % (tid.hex(), names,
-                                                          name))
-    assert Journal(os.path.join(str(directory), 'main.fs.journal')
-                   ).read() is None
-    # a second open finds nothing to do
-    again = open_composite(str(directory))
-    try:
-        assert again.recovered is None and again.partial == []
-    finally:
-        again.close()
-    return outcome
+    lost (see ``atomic_checks.check_mixed``)."""
+    return atomic_checks.check_mixed(Layout.files(directory), acknowledged)
 
 
 @pytest.fixture

@@ -149,6 +149,12 @@ class Child:
         """Abort the child's part of the composite's transaction."""
         self.storage.tpc_abort(transaction)
 
+    def settle(self):
+        """Return once no commit of this child is running.  Recovery calls
+        it before it asks which children hold a transaction: a child that
+        commits in the coordinator's process stops committing when that
+        process dies, so there is nothing to wait for."""
+
     def last_finished(self):
         """The tid of the last transaction the child finished."""
         return self.storage.lastTransaction()

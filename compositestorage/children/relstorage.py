@@ -189,16 +189,27 @@ class RelStorageChild(Child):
                             'zoid > %%s' % self._current, (u64(lo), u64(hi)))
 
     def prefixes_held(self):
-        # one indexed probe per prefix: oids stay below 2**63
+        """The prefixes of the oids the child holds.
+
+        One indexed probe per prefix held, plus one: each finds the
+        lowest oid from the next possible prefix on, and so skips the
+        prefixes no oid has.  (Probing all 128 prefixes cost 128 queries
+        per call, twice per child at every open: a quarter of a second
+        for three PostgreSQL children, paid again at every reopen after a
+        crash.)  Oids stay below 2**63, so prefixes below 0x80."""
         held = set()
+        sql = ('SELECT MIN(zoid) FROM %s WHERE zoid >= %%s'
+               % self._current).replace('%s', self._mark)
         with self._cursor() as cursor:
-            for prefix in range(0x80):
-                cursor.execute(
-                    ('SELECT zoid FROM %s WHERE zoid >= %%s AND zoid <= %%s '
-                     'LIMIT 1' % self._current).replace('%s', self._mark),
-                    (prefix << 56, (prefix << 56) | (1 << 56) - 1))
-                if cursor.fetchall():
-                    held.add(prefix)
+            prefix = 0
+            while prefix < 0x80:
+                cursor.execute(sql, (prefix << 56,))
+                row = cursor.fetchall()
+                if not row or row[0][0] is None:
+                    break
+                found = row[0][0] >> 56
+                held.add(found)
+                prefix = found + 1
         return held
 
     def current_serial(self, oid):
@@ -207,6 +218,25 @@ class RelStorageChild(Child):
         return None if n is None else p64(n)
 
     # --- transactions -----------------------------------------------------
+
+    def settle(self):
+        """Wait for a commit that a coordinator which died left running in
+        the database server.
+
+        PostgreSQL finishes a COMMIT it was sent even when the client is
+        gone: killed while the server commits, the coordinator leaves the
+        child lacking the transaction for a moment, then holding it.
+        Recovery deciding in that moment took it back from the other
+        participants only, and the child held it alone
+        (``test_a_kill_while_the_server_commits`` in
+        tests/test_atomic_relstorage.py).  RelStorage holds its commit lock
+        from a commit's begin to its end: taking it, then letting go,
+        waits for that commit.  SQLite commits in the coordinator's
+        process, which a kill ends."""
+        if self._mark == '?':
+            return
+        with self._cursor() as cursor:
+            self._db.locker.hold_commit_lock(cursor)
 
     def last_finished(self):
         if self.keep_history:
