@@ -158,6 +158,23 @@ class Child:
         before its vote.  A child that reads the metadata at finish needs
         nothing more."""
 
+    def undo(self, transaction_id, transaction, internal):
+        """Undo ``transaction_id`` in the child; the oids undone.
+
+        An internal record (``internal(oid)``: a stub, a partition map)
+        keeps its current state, written again unchanged, because later
+        records may still use it; it is not among the oids returned.
+        """
+        _, oids = self.storage.undo(transaction_id, transaction)
+        undone = []
+        for oid in oids:
+            if internal(oid):
+                data, serial = self.storage.load(oid)
+                self.storage.store(oid, serial, data, '', transaction)
+            else:
+                undone.append(oid)
+        return undone
+
     def roll_back(self, tid, name):
         """Remove ``tid``, the child's last transaction."""
         raise RecoveryError(
