@@ -95,12 +95,21 @@ class PostgresPool:
 
     def name(self, index):
         """The name of the ``index``-th database, created if need be."""
+        from tests.relstorage_engines import _admin
         from tests.relstorage_engines import postgres_database
         if self._stack is None:
             self._stack = contextlib.ExitStack()
         while len(self._names) <= index:
-            self._names.append(
-                self._stack.enter_context(postgres_database()))
+            name = self._stack.enter_context(postgres_database())
+            # no fsync wait at each commit: these tests crash nothing
+            conn = _admin()
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute('ALTER DATABASE %s SET '
+                                   'synchronous_commit = off' % name)
+            finally:
+                conn.close()
+            self._names.append(name)
         return self._names[index]
 
     def drop_all(self):
