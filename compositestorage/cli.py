@@ -151,7 +151,7 @@ def describe_composite(storage):
         parts.append({
             'name': part.name,
             'prefix': part.prefix,
-            'type': type(child).__name__,
+            'type': part.child.type_name(),
             'path': part.child.location or storage_path(child),
             'read_only': part.read_only,
             'objects': part.count_own(),
@@ -320,7 +320,7 @@ def _runzeo_classes():
                         name, type(storage).__name__, storage_path(storage)))
                 for part in parts or ():
                     lines.append('  partition %s prefix %d %s %s' % (
-                        part.name, part.prefix, type(part.storage).__name__,
+                        part.name, part.prefix, part.child.type_name(),
                         storage_path(part.storage)))
             print('\n'.join(lines), file=self.out, flush=True)
 

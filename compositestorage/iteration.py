@@ -258,17 +258,21 @@ def undo(storage, transaction_id, transaction):
         if not _touched(storage, part, tid):
             continue
         txn = coordinator.begin(state, part)
-        _, child_oids = part.storage.undo(transaction_id, txn)
-        overlay = storage.overlay_parts.get(part.prefix)
-        for oid in child_oids:
-            if overlay is not None and overlay.is_revision(oid, tid):
-                oids.append(oid)
-            elif is_internal(oid, part.prefix):
-                data, serial = part.storage.load(oid)
-                part.storage.store(oid, serial, data, '', txn)
-            else:
-                oids.append(oid)
+        oids.extend(part.child.undo(transaction_id, txn,
+                                    _internal(storage, part, tid)))
     return state.tid, oids
+
+
+def _internal(storage, part, tid):
+    """``internal(oid)``: whether the record at ``oid`` in ``part``'s
+    child is internal (an overlay's revision is the user's)."""
+    overlay = storage.overlay_parts.get(part.prefix)
+
+    def internal(oid):
+        if overlay is not None and overlay.is_revision(oid, tid):
+            return False
+        return is_internal(oid, part.prefix)
+    return internal
 
 
 def _visible(storage, filter):

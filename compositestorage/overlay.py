@@ -337,7 +337,7 @@ class Overlay:
         entries = {}
         for part in (self.part, self.base):
             try:
-                found = part.storage.history(oid, size)
+                found = part.storage.history(oid, size=size)
             except (POSKeyError, KeyError):
                 if part is self.base:
                     raise

@@ -146,6 +146,9 @@ class Partition:
         self.storage = storage
         #: what the composite needs of the child beyond the storage API
         self.child = adapter_for(storage)
+        #: the child as the composite calls it: the adapter may wrap it
+        #: (a RelStorage child is called by one thread at a time)
+        self.storage = self.child.storage
         #: the child itself, or the FileStorage under a BlobStorage proxy
         self.base = self.child.base
         self.read_only = bool(read_only or storage.isReadOnly())

@@ -566,7 +566,8 @@ class CompositeStorage(blobs.BlobMethods):
         visible = self._visible_tid
         want = size
         while True:
-            found = part.storage.history(oid, want)
+            # size by name: RelStorage's history is (oid, version, size)
+            found = part.storage.history(oid, size=want)
             entries = [d for d in found if d['tid'] <= visible]
             if len(entries) >= size or len(found) < want:
                 break

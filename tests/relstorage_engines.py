@@ -94,7 +94,8 @@ def postgres_lock_slots():
         conn.close()
 
 
-def child_section(engine, where, keep_history=True, blob_dir=None):
+def child_section(engine, where, keep_history=True, blob_dir=None,
+                  read_only=False):
     """The ``<relstorage>`` section of a child: ``where`` is a directory
     (SQLite) or a database name (PostgreSQL)."""
     if engine == 'sqlite':
@@ -103,15 +104,18 @@ def child_section(engine, where, keep_history=True, blob_dir=None):
         db = ('<postgresql>\n  dsn dbname=%s host=%s port=%d user=%s\n'
               '</postgresql>' % (where, PG_HOST, PG_PORT, PG_USER))
     blobs = 'blob-dir %s\n' % blob_dir if blob_dir else ''
+    if read_only:
+        blobs += '  read-only true\n'
     return ('<relstorage>\n  keep-history %s\n  %s%s\n</relstorage>'
             % ('true' if keep_history else 'false', blobs, db))
 
 
-def open_child(engine, where, keep_history=True):
+def open_child(engine, where, keep_history=True, read_only=False):
     """A RelStorage opened alone, from its own ZConfig section."""
     import ZODB.config
     return ZODB.config.storageFromString(
-        '%import relstorage\n' + child_section(engine, where, keep_history))
+        '%import relstorage\n' + child_section(engine, where, keep_history,
+                                               read_only=read_only))
 
 
 @contextlib.contextmanager

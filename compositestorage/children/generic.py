@@ -45,6 +45,10 @@ class Child:
         #: the child itself, or the storage under a BlobStorage proxy
         self.base = base
 
+    def type_name(self):
+        """The child's class name, as ``info`` and ``serve`` show it."""
+        return type(self.storage).__name__
+
     def describe(self):
         """The kind of child, as messages name it."""
         return self.kind
@@ -182,6 +186,23 @@ class Child:
         ``extension`` (the same length as the one it was begun with),
         before its vote.  A child that reads the metadata at finish needs
         nothing more."""
+
+    def undo(self, transaction_id, transaction, internal):
+        """Undo ``transaction_id`` in the child; the oids undone.
+
+        An internal record (``internal(oid)``: a stub, a partition map)
+        keeps its current state, written again unchanged, because later
+        records may still use it; it is not among the oids returned.
+        """
+        _, oids = self.storage.undo(transaction_id, transaction)
+        undone = []
+        for oid in oids:
+            if internal(oid):
+                data, serial = self.storage.load(oid)
+                self.storage.store(oid, serial, data, '', transaction)
+            else:
+                undone.append(oid)
+        return undone
 
     def roll_back(self, tid, name):
         """Remove ``tid``, the child's last transaction."""

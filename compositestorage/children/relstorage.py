@@ -14,6 +14,13 @@ it reads is what is committed now, not the child's MVCC snapshot:
 * removing garbage by deleting the rows of every oid the composite's mark
   did not keep, then packing without GC (history-preserving only).
 
+A RelStorage instance serves one thread at a time (an IMVCCStorage gives
+each ZODB connection an instance of its own), while every thread of the
+composite calls the same child.  The composite therefore calls each
+RelStorage child through :class:`OneThreadAtATime`, which serializes the
+calls; the composite's own commit lock already keeps one transaction at a
+time in each child.
+
 RelStorage's ``pack`` takes no ``gc`` argument: its ``pack-gc`` option
 decides.  A writable child is therefore opened with that option forced
 off, so that it never collects garbage on its own (DESIGN.md, invariant 7).
@@ -25,10 +32,13 @@ before the vote; and that mode lacks ``deleteObject`` (RelStorage 4.3
 spells it ``deletObject``), so a deletion is stored as a restore of no
 data, which is what ``deleteObject`` writes.
 """
+import base64
 import contextlib
 import logging
+import threading
 
 from ZODB.POSException import ConflictError
+from ZODB.POSException import POSKeyError
 from ZODB.serialize import referencesf
 from ZODB.utils import p64
 from ZODB.utils import u64
@@ -82,6 +92,100 @@ def adapter(storage, base):
     return RelStorageChild(storage, base)
 
 
+class _OldStatesByRevision:
+    """RelStorage's cache, giving a conflict's old states by revision.
+
+    At vote, RelStorage fetches the state each conflicting store was based
+    on as the *current* state of its load snapshot, and raises
+    ``CacheConsistencyError`` when that is another revision: an instance
+    serves one ZODB connection, whose view is its snapshot.  The
+    composite's connections share the child instance, whose snapshot is
+    often newer than a connection's view, so the old states are read by
+    revision here, as ``loadSerial`` reads them.
+    """
+    __slots__ = ()
+
+    def prefetch_for_conflicts(self, cursor, oid_tid_pairs):
+        load = self.adapter.mover.load_revision
+        return {oid: (load(cursor, oid, tid), tid)
+                for oid, tid in oid_tid_pairs}
+
+
+_CACHE_CLASSES = {}
+
+
+def _by_revision(cache):
+    """Have ``cache`` (a StorageCache, which has slots) give conflicts'
+    old states by revision."""
+    cls = type(cache)
+    if issubclass(cls, _OldStatesByRevision):
+        return
+    if cls not in _CACHE_CLASSES:
+        _CACHE_CLASSES[cls] = type(cls.__name__, (_OldStatesByRevision, cls),
+                                   {'__slots__': ()})
+    cache.__class__ = _CACHE_CLASSES[cls]
+
+
+class OneThreadAtATime:
+    """A RelStorage, called by one thread at a time.
+
+    Every public method runs under one reentrant lock; attributes are
+    read and set on the RelStorage itself (the composite sets
+    ``tryToResolveConflict`` there, as RelStorage calls it on itself).
+    ``tpc_finish`` also lets the adapter drop what the child cached of
+    rows an undo rewrote in the database, before another thread loads.
+    """
+
+    #: attributes handed on as they are, not called under the lock
+    _unlocked = frozenset(['tryToResolveConflict'])
+
+    def __init__(self, storage, child):
+        object.__setattr__(self, '_storage', storage)
+        object.__setattr__(self, '_child', child)
+        object.__setattr__(self, 'lock', threading.RLock())
+
+    def __getattr__(self, name):
+        value = getattr(self._storage, name)
+        if (name.startswith('_') or name in self._unlocked
+                or not callable(value)):
+            return value
+        lock = self.lock
+
+        def locked(*args, **kwargs):
+            with lock:
+                return value(*args, **kwargs)
+        locked.__name__ = name
+        # bound once: the next call finds it without __getattr__
+        object.__setattr__(self, name, locked)
+        return locked
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop(name, None)
+        setattr(self._storage, name, value)
+
+    def loadBefore(self, oid, tid):
+        """RelStorage 4.3 makes the POSKeyError for a revision that undid
+        the object's creation, but forgets to raise it (its ``load``
+        raises it; ``loadBefore`` returns no data instead)."""
+        with self.lock:
+            r = self._storage.loadBefore(oid, tid)
+        if r is not None and r[0] is None:
+            raise POSKeyError(oid)
+        return r
+
+    def tpc_finish(self, transaction, func=None):
+        with self.lock:
+            if func is None:
+                tid = self._storage.tpc_finish(transaction)
+            else:
+                tid = self._storage.tpc_finish(transaction, func)
+            self._child.finished()
+            return tid
+
+    def __repr__(self):
+        return '<one thread at a time: %r>' % (self._storage,)
+
+
 class RelStorageChild(Child):
 
     kind = 'RelStorage'
@@ -89,7 +193,10 @@ class RelStorageChild(Child):
     counts_cheaply = True
 
     def __init__(self, storage, base):
-        Child.__init__(self, storage, base)
+        Child.__init__(self, OneThreadAtATime(storage, self), base)
+        _by_revision(base._cache)
+        #: whether the transaction being committed undid something
+        self._undid = False
         self.keep_history = base._options.keep_history
         self.reads_spans = self.keep_history
         self.rolls_back = self.keep_history
@@ -101,6 +208,9 @@ class RelStorageChild(Child):
         self._binary = driver.Binary
         self._mark = '?' if 'sqlite' in type(driver).__module__ else '%s'
         self._tid = None        # the tid of the transaction being restored
+
+    def type_name(self):
+        return type(self.base).__name__      # not the OneThreadAtATime
 
     def describe(self):
         return '%s RelStorage on %s' % (
@@ -292,6 +402,7 @@ class RelStorageChild(Child):
     def tpc_begin(self, transaction, tid, status=' '):
         Child.tpc_begin(self, transaction, tid, status)
         self._tid = tid
+        self._undid = False
         if self._mark == '?':
             self._keep_sqlite_transaction_open()
 
@@ -316,65 +427,66 @@ class RelStorageChild(Child):
         if connection is not None:
             connection.return_to_repeatable_read = _stay_in_transaction
 
-    def tpc_vote(self, transaction):
-        resolved = self._resolve_stale_stores()
-        voted = self.storage.tpc_vote(transaction)
-        if resolved:
-            voted = list(voted or ()) + resolved
-        return voted
-
-    def _resolve_stale_stores(self):
-        """Resolve, before RelStorage votes, the conflicts of records
-        stored with a serial older than the committed one; returns their
-        oids.
-
-        RelStorage resolves such conflicts in its vote from states it
-        loads through its own MVCC snapshot, which it expects to be the
-        one the transaction read: true for a ``Connection`` with its own
-        instance, not for the composite, whose writers (ZEO clients, the
-        connections of a process) read through other snapshots.  There
-        the snapshot is newer than the stale serial, and RelStorage
-        raises ``CacheConsistencyError`` instead of resolving or raising
-        ``ConflictError``.  The commit lock is held from ``tpc_begin``
-        (restore mode), so the committed serials read here stay current
-        until the finish; a resolved record is queued again with the
-        committed serial, and an unresolved one raises ``ConflictError``
-        as FileStorage's ``store`` does.
-        """
-        state = self._restore_state()
-        temp = None if state is None else state.shared_state.temp_storage
-        if not temp:
-            return []
-        stored = {oid_int: prev for oid_int, (start, _, prev)
-                  in temp.stored_oids.items()
-                  if prev and start is not None}
-        committed = {}
-        oids = sorted(stored)
-        for i in range(0, len(oids), BATCH):
-            batch = oids[i:i + BATCH]
-            committed.update(self._query(
-                'SELECT zoid, tid FROM %s WHERE zoid IN (%s)' % (
-                    self._current, ', '.join(['%s'] * len(batch))), batch))
-        resolved = []
-        for oid_int in oids:
-            tid_int = committed.get(oid_int)
-            if tid_int is None or tid_int == stored[oid_int]:
-                continue
-            oid, serial, old = p64(oid_int), p64(tid_int), p64(
-                stored[oid_int])
-            data = self._scalar('SELECT state FROM object_state WHERE '
-                                'zoid = %s AND tid = %s', (oid_int, tid_int))
-            # raises ConflictError when it cannot resolve
-            new = self.storage.tryToResolveConflict(
-                oid, serial, old, temp.read_temp(oid_int),
-                committedData=bytes(data or b''))
-            temp.store_temp(oid_int, new, tid_int)
-            resolved.append(oid)
-        return resolved
-
     def tpc_abort(self, transaction):
         self._tid = None
-        self.base.tpc_abort(transaction)
+        self.storage.tpc_abort(transaction)
+
+    def undo(self, transaction_id, transaction, internal):
+        """Undo in RelStorage's restore mode, at the composite's tid.
+
+        Restore mode (``tpc_begin(txn, tid)``) hands ``undo`` to the
+        ordinary begin state, which would lock a tid of its own for the
+        copied rows, and RelStorage's ``undo`` returns no oids; so the
+        rows are copied here, through RelStorage's own ``packundo``, at
+        the tid the composite began the child with, and the oids taken
+        from the rows copied.  An internal record's copy is dropped
+        before ``current_object`` is updated, so it keeps its current
+        state.  After ``tpc_finish`` the child forgets what it cached,
+        so that a load sees the undone state (see :meth:`finished`).
+        """
+        state = self._restore_state()
+        if state is None or self._tid is None:
+            return Child.undo(self, transaction_id, transaction, internal)
+        if isinstance(transaction_id, str):
+            transaction_id = transaction_id.encode('ascii')
+        undo_tid = u64(base64.decodebytes(transaction_id + b'\n'))
+        tid = u64(self._tid)
+        db = self._db
+        cursor = state.shared_state.store_connection.cursor
+        with self.storage.lock:
+            db.locker.hold_pack_lock(cursor)
+            try:
+                db.packundo.verify_undoable(cursor, undo_tid)
+                copied = db.packundo.undo(cursor, undo_tid, tid)
+                oids = [p64(oid) for oid, _ in copied]
+                kept = [u64(oid) for oid in oids if internal(oid)]
+                for i in range(0, len(kept), BATCH):
+                    batch = kept[i:i + BATCH]
+                    marks = ', '.join([self._mark] * len(batch))
+                    for table in ('blob_chunk', 'object_state'):
+                        cursor.execute(
+                            'DELETE FROM %s WHERE tid = %s AND zoid IN (%s)'
+                            % (table, self._mark, marks), [tid] + batch)
+                db.mover.update_current(cursor, tid)
+                kept = set(kept)
+                state.shared_state.blobhelper.copy_undone(
+                    [row for row in copied if row[0] not in kept], self._tid)
+            finally:
+                db.locker.release_pack_lock(cursor)
+            self.base._cache.remove_all_cached_data_for_oids(
+                [oid for oid, _ in copied])
+            self._undid = True
+        return [oid for oid in oids if u64(oid) not in kept]
+
+    def finished(self):
+        """The child finished a transaction: if it undid something, drop
+        what the child cached and read afresh.  RelStorage's cache learns
+        the tids of the objects a transaction stored, not those of rows
+        an undo copied in the database, and would serve the state the
+        undo replaced."""
+        if self._undid:
+            self._undid = False
+            self._forget()
 
     def roll_back(self, tid, name):
         """Delete the rows of ``tid``, the child's last transaction, and
@@ -408,9 +520,10 @@ class RelStorageChild(Child):
         self._forget()
 
     def _forget(self):
-        """Drop what the child cached of rows deleted behind its back."""
-        self.base._cache.clear(load_persistent=False)
-        self.base.sync()
+        """Drop what the child cached of rows changed behind its back."""
+        with self.storage.lock:
+            self.base._cache.clear(load_persistent=False)
+            self.base.sync()
 
     # --- pack ---------------------------------------------------------------
 
@@ -459,12 +572,22 @@ class RelStorageChild(Child):
         in its ``pack_object`` table: it is not asked."""
         if self.keep_history:
             self.base.pack(t, referencesf)
+        """Pack (``pack-gc`` is off) on an instance of its own, which
+        shares the child's cache: the child's lock is not held while the
+        pack waits for RelStorage's commit lock, which a transaction being
+        committed through the child holds from its ``tpc_begin``."""
+        instance = self.base.new_instance()
+        try:
+            instance.pack(t, referencesf)
+        finally:
+            instance.release()
+        self.storage.sync()
 
     def delete_object(self, oid, serial, transaction):
         """``deleteObject`` in restore mode: a restore of no data, which is
         what ``deleteObject`` writes (a deletion record when history is
         kept, no row when not)."""
-        base = self.base
+        base = self.storage
         if self._restore_state() is None or self._tid is None:
             return base.deleteObject(oid, serial, transaction)
         current = self.current_serial(oid)
@@ -472,4 +595,4 @@ class RelStorageChild(Child):
             raise ConflictError(oid=oid, serials=(current, serial))
         base.restore(oid, self._tid, None, '', None, transaction)
         # as deleteObject does: the cache must not serve the deleted state
-        base._cache.remove_cached_data(u64(oid), u64(serial))
+        self.base._cache.remove_cached_data(u64(oid), u64(serial))
