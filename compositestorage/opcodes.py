@@ -265,7 +265,10 @@ def _check_put(digits, memo_limit, offset, size):
 def _check_nesting(data, end):
     """Refuse tuples nested deeper than :data:`MAX_NESTING`.  Counting the
     bytes that could be tuple opcodes settles nearly every record; only
-    one with more of them than the limit gets the exact walk."""
+    one with more of them than the limit gets the exact walk.  A record
+    no longer than the limit cannot hold more, and is not counted."""
+    if end <= MAX_NESTING:
+        return
     if sum(data.count(b, 0, end) for b in _TUPLE_BYTES) <= MAX_NESTING:
         return
     deepest, offset = _deepest_tuple(data, end)

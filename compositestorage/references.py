@@ -154,8 +154,9 @@ def pids_and_ends(data, walked=False):
     # costs as much as scanning a small record.
     u = Unpickler(f)
     u.persistent_load = lambda pid: append((pid, tell()))
-    u.noload()
-    u.noload()
+    noload = u.noload
+    noload()
+    noload()
     return pids, tell()
 
 
@@ -308,7 +309,8 @@ def classes_to_hints(data, prefix):
 def needs_tag(data):
     """Whether a child must store ``data`` with :data:`EXACT_TAG`: its own
     bytes could be read as stub hints, or end as if tagged."""
-    return HINT_MARK in data or data.endswith(EXACT_TAG)
+    # find, not ``in``: ``in`` first tries its argument as an integer
+    return data.find(HINT_MARK) >= 0 or data.endswith(EXACT_TAG)
 
 
 def resolver_keeping_tags(resolve):
@@ -942,7 +944,9 @@ def _rewrite_zodb_layout(data, prefix):
         return None
     foreign = set()
     for ref, _ in pids:
-        oid = _ref_oid(ref)
+        # a tuple's oid is one of ``expected``: eight bytes already
+        oid = (ref[0] if type(ref) is tuple and ref
+               else _ref_oid(ref))
         if oid is not None and oid[0] != prefix:
             foreign.add(oid)
     return _apply(data, edits), foreign, hints
