@@ -513,6 +513,9 @@ def _apply(data, edits):
     """``data`` with each ``(start, end, replacement)`` edit made."""
     if not edits:
         return data
+    if len(edits) == 1:
+        start, end, new = edits[0]
+        return b''.join((data[:start], new, data[end:]))
     out = []
     last = 0
     for start, end, new in edits:
@@ -932,7 +935,7 @@ def _rewrite_zodb_layout(data, prefix):
             span = (m.start(6), m.end(6), None)
         if oid[0] != prefix and not is_stub_hint(klass):
             hints[oid] = klass
-            edits.append(_hint_edit(data, span, klass))
+            edits.append(_cached_hint_edit(data, span, klass))
         expected.append((oid, m.end()))
     try:
         pids, _ = pids_and_ends(data, walked=True)
@@ -950,6 +953,27 @@ def _rewrite_zodb_layout(data, prefix):
         if oid is not None and oid[0] != prefix:
             foreign.add(oid)
     return _apply(data, edits), foreign, hints
+
+
+_hint_edits = {}
+
+
+def _cached_hint_edit(data, span, klass):
+    """:func:`_hint_edit`, cached by what it depends on: the class and the
+    bytes replaced.  Most hints of a commit replace the same few bytes (a
+    GET of the record's own class)."""
+    start, end, put_end = span
+    if put_end is not None:
+        end = put_end
+    key = klass, data[start:end], put_end is None
+    try:
+        return start, end, _hint_edits[key]
+    except KeyError:
+        pass
+    edit = _hint_edit(data, span, klass)
+    if len(_hint_edits) < 10000:
+        _hint_edits[key] = edit[2]
+    return edit
 
 
 _spellings = {}
