@@ -247,14 +247,28 @@ class Coordinator:
 
     def write_stubs(self, state):
         """Store every stub the transaction needs and its child lacks; while
-        a pack runs, also those it has (see ``packing``)."""
+        a pack runs, also those it has (see ``packing``).
+
+        A new target needs no look at its child (no stub for it can exist
+        yet) and usually names its class through the hint its reference
+        had; so for the common stub the loop does dictionary lookups and
+        one child store, with the child begun and each home partition
+        found once per transaction.
+        """
         storage = self._storage
         new_data = state.new_data
+        hints = state.hints
+        overlays = state.overlay_records
+        new_stubs = state.new_stubs
         packing = self.packs
+        homes = {}
         for part, oids in state.stubs_needed.items():
+            known = part.stubs
+            store = part.storage.store
+            txn = None
             for oid in sorted(oids):
-                if oid in part.stubs and not packing or \
-                        (part.prefix, oid) in state.overlay_records:
+                if oid in known and not packing or \
+                        overlays and (part.prefix, oid) in overlays:
                     continue
                 committed = None
                 if oid in new_data:
@@ -265,17 +279,20 @@ class Coordinator:
                     if committed is not None and not packing:
                         continue
                     serial = part.current_serial(oid) or z64
-                home = storage.partition_for(oid, 'reference')
+                home = homes.get(oid[0])
+                if home is None:
+                    home = homes[oid[0]] = storage.partition_for(
+                        oid, 'reference')
                 if committed is not None:
                     # written again during a pack: the very same record
                     klass = committed[0]
                 else:
-                    klass = state.hints.get(oid) or self._class_of(
+                    klass = hints.get(oid) or self._class_of(
                         home, oid, state.data_of(oid))
-                txn = self.begin(state, part)
-                part.storage.store(oid, serial,
-                                   stub_record(home.name, klass), '', txn)
-                state.new_stubs.append((part, oid, klass))
+                if txn is None:
+                    txn = self.begin(state, part)
+                store(oid, serial, stub_record(home.name, klass), '', txn)
+                new_stubs.append((part, oid, klass))
 
     @staticmethod
     def _class_of(home, oid, data):

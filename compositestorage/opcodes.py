@@ -30,6 +30,7 @@ expression; Python looks only at counted arguments (strings, bytes, oids),
 ``STOP``, memo PUTs with a long index, and the opcodes where a reference
 may begin.  Every step moves forward, so the walk is linear in the record.
 """
+import os
 import pickletools
 import re
 
@@ -178,7 +179,65 @@ _REF_STARTS = frozenset((ord('C'), ord('h'), ord('j')))
 _TUPLE_BYTES = (b't', b'\x85', b'\x86', b'\x87')
 
 
+def _layout_bytes():
+    """:data:`LAYOUTS` as the C walk reads it: for each opcode byte, its
+    kind (0 unknown, 1 no argument, 2 fixed, 3 counted, 4 lines) and n."""
+    kinds = {None: 1, 'fixed': 2, 'counted': 3, 'lines': 4}
+    table = bytearray(512)
+    for code, (_, kind, n) in LAYOUTS.items():
+        table[2 * code] = kinds[kind]
+        table[2 * code + 1] = n
+    return bytes(table)
+
+
+_LAYOUT_BYTES = _layout_bytes()
+if os.environ.get('COMPOSITESTORAGE_PURE_PYTHON'):
+    _accelerated = None
+else:
+    try:
+        from compositestorage._opcodes import walk as _accelerated
+    except ImportError:     # not built: no compiler where it was installed
+        _accelerated = None
+
+
 def walk(data, pickles=2, refs=None):
+    """Check that ``data`` begins with ``pickles`` whole pickles that the C
+    unpickler can read within bounds set by ``len(data)``; return where the
+    last one ends.
+
+    ``refs``, a compiled pattern, is tried at every opcode where a
+    class-hinted reference may begin (a SHORT_BINBYTES of eight bytes, a
+    BINGET or a LONG_BINGET before a class); the list of its matches is
+    returned too, as ``(end, matches)``.  Each match begins at an opcode,
+    and its bytes are walked like any others.
+
+    Raises :class:`NotAPickle` or :class:`UnsafeRecordError`.
+
+    The C accelerator (``compositestorage._opcodes``, built where a
+    compiler exists) answers for the records it can vouch for, with the
+    very answer of :func:`walk_python`; everything else (errors, text
+    PUTs, long memo indices) goes to :func:`walk_python`.
+    """
+    if _accelerated is not None and type(data) is bytes:
+        found = _accelerated(data, pickles, max(256, len(data) // 2),
+                             _LAYOUT_BYTES, refs is not None)
+        if found is not None:
+            if refs is None:
+                _check_nesting(data, found)
+                return found
+            end, starts = found
+            _check_nesting(data, end)
+            match = refs.match
+            matches = []
+            for start in starts:
+                m = match(data, start)
+                if m is not None:
+                    matches.append(m)
+            return end, matches
+    return walk_python(data, pickles, refs)
+
+
+def walk_python(data, pickles=2, refs=None):
     """Check that ``data`` begins with ``pickles`` whole pickles that the C
     unpickler can read within bounds set by ``len(data)``; return where the
     last one ends.
@@ -189,7 +248,9 @@ def walk(data, pickles=2, refs=None):
     ``(end, matches)``.  Each match begins at an opcode, and its bytes are
     walked like any others.
 
-    Raises :class:`NotAPickle` or :class:`UnsafeRecordError`.
+    Raises :class:`NotAPickle` or :class:`UnsafeRecordError`.  This is
+    the walk itself; :func:`walk` gives the same answers, through the C
+    accelerator where it is built.
     """
     size = len(data)
     memo_limit = max(256, size // 2)
@@ -265,7 +326,10 @@ def _check_put(digits, memo_limit, offset, size):
 def _check_nesting(data, end):
     """Refuse tuples nested deeper than :data:`MAX_NESTING`.  Counting the
     bytes that could be tuple opcodes settles nearly every record; only
-    one with more of them than the limit gets the exact walk."""
+    one with more of them than the limit gets the exact walk.  A record
+    no longer than the limit cannot hold more, and is not counted."""
+    if end <= MAX_NESTING:
+        return
     if sum(data.count(b, 0, end) for b in _TUPLE_BYTES) <= MAX_NESTING:
         return
     deepest, offset = _deepest_tuple(data, end)

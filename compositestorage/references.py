@@ -154,8 +154,9 @@ def pids_and_ends(data, walked=False):
     # costs as much as scanning a small record.
     u = Unpickler(f)
     u.persistent_load = lambda pid: append((pid, tell()))
-    u.noload()
-    u.noload()
+    noload = u.noload
+    noload()
+    noload()
     return pids, tell()
 
 
@@ -308,7 +309,8 @@ def classes_to_hints(data, prefix):
 def needs_tag(data):
     """Whether a child must store ``data`` with :data:`EXACT_TAG`: its own
     bytes could be read as stub hints, or end as if tagged."""
-    return HINT_MARK in data or data.endswith(EXACT_TAG)
+    # find, not ``in``: ``in`` first tries its argument as an integer
+    return data.find(HINT_MARK) >= 0 or data.endswith(EXACT_TAG)
 
 
 def resolver_keeping_tags(resolve):
@@ -511,6 +513,9 @@ def _apply(data, edits):
     """``data`` with each ``(start, end, replacement)`` edit made."""
     if not edits:
         return data
+    if len(edits) == 1:
+        start, end, new = edits[0]
+        return b''.join((data[:start], new, data[end:]))
     out = []
     last = 0
     for start, end, new in edits:
@@ -930,7 +935,7 @@ def _rewrite_zodb_layout(data, prefix):
             span = (m.start(6), m.end(6), None)
         if oid[0] != prefix and not is_stub_hint(klass):
             hints[oid] = klass
-            edits.append(_hint_edit(data, span, klass))
+            edits.append(_cached_hint_edit(data, span, klass))
         expected.append((oid, m.end()))
     try:
         pids, _ = pids_and_ends(data, walked=True)
@@ -942,10 +947,33 @@ def _rewrite_zodb_layout(data, prefix):
         return None
     foreign = set()
     for ref, _ in pids:
-        oid = _ref_oid(ref)
+        # a tuple's oid is one of ``expected``: eight bytes already
+        oid = (ref[0] if type(ref) is tuple and ref
+               else _ref_oid(ref))
         if oid is not None and oid[0] != prefix:
             foreign.add(oid)
     return _apply(data, edits), foreign, hints
+
+
+_hint_edits = {}
+
+
+def _cached_hint_edit(data, span, klass):
+    """:func:`_hint_edit`, cached by what it depends on: the class and the
+    bytes replaced.  Most hints of a commit replace the same few bytes (a
+    GET of the record's own class)."""
+    start, end, put_end = span
+    if put_end is not None:
+        end = put_end
+    key = klass, data[start:end], put_end is None
+    try:
+        return start, end, _hint_edits[key]
+    except KeyError:
+        pass
+    edit = _hint_edit(data, span, klass)
+    if len(_hint_edits) < 10000:
+        _hint_edits[key] = edit[2]
+    return edit
 
 
 _spellings = {}

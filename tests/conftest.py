@@ -413,3 +413,14 @@ def serving():
     yield start
     for served in started:
         served.close()
+
+
+def accelerator_built():
+    """Whether the C walk is built here; under CI it must be."""
+    from compositestorage import opcodes
+    built = opcodes._accelerated is not None
+    if os.environ.get('CI') and not os.environ.get(
+            'COMPOSITESTORAGE_PURE_PYTHON'):
+        assert built, ('compositestorage._opcodes was not built: '
+                       'install with a C compiler (pip install -e .)')
+    return built

@@ -240,9 +240,55 @@ def check(data, prefix, stats):
     class_of(data)
     seconds = time.perf_counter() - began
     assert seconds < budget, '%.2f s for %d bytes' % (seconds, len(data))
+    both_walks_agree(data, stats)       # not timed: it walks four times
     grown = peak_rss() - stats['rss']
     assert grown < RSS_GROWTH, (
         'peak memory grew by %d MB' % (grown // (1024 * 1024)))
+
+
+def walk_outcome(walk, data, refs):
+    """What ``walk`` makes of ``data``: its result, match spans and groups
+    included, or the error it raises with its message."""
+    try:
+        found = walk(data, refs=refs)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    if refs is None:
+        return found
+    end, matches = found
+    return end, [(m.span(), m.groups()) for m in matches]
+
+
+def both_walks_agree(data, stats):
+    """The C walk, where it is built, and the Python walk give the same
+    answer, and the record the composite makes is the same byte for byte
+    either way."""
+    from compositestorage import opcodes
+    from compositestorage.errors import CorruptRecordError
+    from compositestorage.references import _PID_RE
+    from compositestorage.references import to_child_record
+
+    accelerated = opcodes._accelerated
+    if accelerated is None:
+        return
+    for refs in (None, _PID_RE):
+        fast = walk_outcome(opcodes.walk, data, refs)
+        slow = walk_outcome(opcodes.walk_python, data, refs)
+        assert fast == slow, (refs, fast, slow)
+    if accelerated(data, 2, max(256, len(data) // 2),
+                   opcodes._LAYOUT_BYTES, False) is not None:
+        stats['accelerated'] = stats.get('accelerated', 0) + 1
+    made = []
+    try:
+        for walk in (accelerated, None):
+            opcodes._accelerated = walk
+            try:
+                made.append(to_child_record(data, 1, b'\0' * 8, 'main'))
+            except CorruptRecordError as e:
+                made.append(('refused', type(e).__name__, str(e)))
+    finally:
+        opcodes._accelerated = accelerated
+    assert made[0] == made[1], made
 
 
 #: How far the fuzzer's peak resident memory may grow over what it had
