@@ -143,7 +143,6 @@ class Partition:
         check_partition(name, prefix, storage)
         self.name = name
         self.prefix = prefix
-        self.storage = storage
         #: what the composite needs of the child beyond the storage API
         self.child = adapter_for(storage)
         #: the child as the composite calls it: the adapter may wrap it

@@ -67,17 +67,19 @@ def configured_db(opener):
     if section is None:
         return None
     engine = section.getSectionType()
-    if getattr(section, 'data_dir', None):
-        return '%s data-dir %s' % (engine, section.data_dir)
-    dsn = getattr(section, 'dsn', None)
+    return _where(engine, getattr(section, 'data_dir', None),
+                  getattr(section, 'dsn', None)) or engine
+
+
+def _where(engine, data_dir, dsn):
+    """``ENGINE data-dir PATH`` or ``ENGINE dsn DSN``, never showing a
+    password (as RelStorage's own repr does); ``None`` without either."""
+    if data_dir:
+        return '%s data-dir %s' % (engine, data_dir)
     if dsn:
-        return '%s dsn %s' % (engine, _without_password(dsn))
-    return engine
-
-
-def _without_password(dsn):
-    """As RelStorage's own repr does: never show a password."""
-    return ' '.join(p for p in dsn.split() if not p.startswith('password'))
+        return '%s dsn %s' % (engine, ' '.join(
+            p for p in dsn.split() if not p.startswith('password')))
+    return None
 
 
 def handles(base):
@@ -221,13 +223,9 @@ class RelStorageChild(Child):
     def location(self):
         """``sqlite3 data-dir PATH`` or ``postgresql dsn ...`` (without
         a password), not RelStorage's name, which shows object ids."""
-        data_dir = getattr(self._db, 'data_dir', None)
-        if data_dir:
-            return '%s data-dir %s' % (self.engine, data_dir)
-        dsn = getattr(self._db, '_dsn', None)
-        if dsn:
-            return '%s dsn %s' % (self.engine, _without_password(dsn))
-        return self.storage.getName()
+        return _where(self.engine, getattr(self._db, 'data_dir', None),
+                      getattr(self._db, '_dsn', None)) \
+            or self.storage.getName()
 
     @property
     def engine(self):
@@ -566,16 +564,17 @@ class RelStorageChild(Child):
                                % (table, marks), batch)
 
     def pack_without_gc(self, t):
-        """Remove old revisions (``pack-gc`` is off).  A history-free
-        child has none, and its ``pack`` without GC only warns that it
-        does nothing, then deletes what an earlier GC pre-pack left marked
-        in its ``pack_object`` table: it is not asked."""
-        if self.keep_history:
-            self.base.pack(t, referencesf)
-        """Pack (``pack-gc`` is off) on an instance of its own, which
-        shares the child's cache: the child's lock is not held while the
-        pack waits for RelStorage's commit lock, which a transaction being
-        committed through the child holds from its ``tpc_begin``."""
+        """Remove old revisions (``pack-gc`` is off).
+
+        A history-free child has none, and its ``pack`` without GC only
+        warns that it does nothing, then deletes what an earlier GC
+        pre-pack left marked in its ``pack_object`` table: it is not
+        asked.  The pack runs on an instance of its own, which shares the
+        child's cache: the child's lock is not held while the pack waits
+        for RelStorage's commit lock, which a transaction being committed
+        through the child holds from its ``tpc_begin``."""
+        if not self.keep_history:
+            return
         instance = self.base.new_instance()
         try:
             instance.pack(t, referencesf)
