@@ -33,5 +33,10 @@ def adapter_for(storage):
 
 
 def file_name(storage):
-    """The file a child keeps its data in, or ``None`` (not one file)."""
-    return adapter_for(storage).file_name
+    """The file a child keeps its data in, or ``None`` (not one file).
+
+    Asked of storages that have no adapter yet (a composite checking its
+    children at open), so no adapter is built for it."""
+    from compositestorage.children import filestorage
+    base = base_storage(storage)
+    return base._file_name if filestorage.handles(base) else None
