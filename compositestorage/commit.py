@@ -154,17 +154,21 @@ class TransactionState:
 class Coordinator:
     """Two-phase commit over the partitions of one composite."""
 
-    def __init__(self, storage):
+    def __init__(self, storage, like=None):
         self._storage = storage
         self._commit_lock = threading.Lock()
         self._lock = threading.Lock()
         self.state = None
         #: internal records a child still needs: {Partition: [(oid, data)]}
-        self.pending_init = {}
+        #: (an instance of a shared composite shares its root's)
+        self.pending_init = {} if like is None else like.pending_init
         #: new tids go above this one too: a tid taken back is not reused
         self.tid_floor = z64
-        #: how many packs are running (see ``packing``)
+        #: how many packs are running (see ``packing``); in a shared
+        #: composite, in any process, as read at ``tpc_begin``
         self.packs = 0
+        #: how many packs had swept, in any process, at the last tpc_begin
+        self.packs_done = None
 
     @contextlib.contextmanager
     def commits_held(self):
@@ -189,12 +193,18 @@ class Coordinator:
         packers copy it.  On entry this waits for the transaction being
         committed, if any: it decided on its stubs before the pack began.
         """
+        shared = self._storage._shared
         with self._lock:
             self.packs += 1
         try:
             with self.commits_held():
-                pass
-            yield
+                if shared is not None:
+                    shared.pack_started()
+            try:
+                yield
+            finally:
+                if shared is not None:
+                    shared.pack_ended()
         finally:
             with self._lock:
                 self.packs -= 1
@@ -208,16 +218,47 @@ class Coordinator:
                 raise StorageTransactionError(
                     "Duplicate tpc_begin calls for same transaction")
         self._commit_lock.acquire()
+        storage = self._storage
+        shared = storage._shared
         try:
-            storage = self._storage
+            floor = max(storage._ltid, self.tid_floor)
+            if shared is not None:
+                floor = max(floor, self._begin_shared(shared))
             if tid is None:
-                tid = newTid(max(storage._ltid, self.tid_floor))
+                tid = newTid(floor)
+            if shared is not None:
+                shared.reserve_tid(tid)
             state = TransactionState(transaction, tid, status)
             with self._lock:
                 self.state = state
         except BaseException:
-            self._commit_lock.release()
+            try:
+                if shared is not None:
+                    shared.end_commit()
+            finally:
+                self._commit_lock.release()
             raise
+
+    def _begin_shared(self, shared):
+        """Take the commit lock every process takes; the last tid any
+        process chose.
+
+        An intent found under it was left by a process that died (a live
+        one clears its intent before it lets go): it is recovered first.
+        A pack that ran or runs in any process is noted for
+        ``write_stubs``.
+        """
+        found = shared.begin_commit()
+        if found.intent is not None:
+            self._storage.recover_shared()
+        self.packs = found.packs_running
+        if self.packs_done != found.packs_done:
+            if self.packs_done is not None:
+                # a pack swept stubs this process may have cached
+                for part in self._storage.partitions:
+                    part.stubs.clear()
+            self.packs_done = found.packs_done
+        return found.last_tid
 
     def current(self, transaction):
         """The state of ``transaction``, which must be the one begun."""
@@ -327,9 +368,11 @@ class Coordinator:
         return (klass,)
 
     def write_pending_init(self, state):
+        by_prefix = self._storage._by_prefix
         for part, records in list(self.pending_init.items()):
             if part.read_only:
                 continue
+            part = by_prefix[part.prefix]   # an instance's own
             txn = self.begin(state, part, internal=True)
             for oid, data in records:
                 part.storage.store(oid, part.current_serial(oid) or z64,
@@ -386,6 +429,10 @@ class Coordinator:
         storage = self._storage
         parts, named = state.finish_order()
         journal = storage.journal if len(parts) > 1 else None
+        if storage._shared is not None:
+            # no poll of any process takes a snapshot until every
+            # participant has finished (let go of in ``_end``)
+            storage._shared.hold_finish()
         if journal is not None:
             self._write_intent(state, named, journal)
         finished, error = self._finish_children(state, parts)
@@ -406,7 +453,7 @@ class Coordinator:
         for part, oid, klass in state.new_stubs:
             part.stubs[oid] = klass
         for part in parts:
-            self.pending_init.pop(part, None)
+            self.pending_init.pop(getattr(part, 'root', part), None)
         # The commit point: every participant has finished.  Loads may
         # now see the tid.
         storage.advance_visible(state.tid)
@@ -543,4 +590,9 @@ class Coordinator:
     def _end(self):
         with self._lock:
             self.state = None
-        self._commit_lock.release()
+        try:
+            shared = self._storage._shared
+            if shared is not None:
+                shared.end_commit()
+        finally:
+            self._commit_lock.release()

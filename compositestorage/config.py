@@ -59,13 +59,26 @@ class CompositeStorageConfig(BaseConfig):
                 default_partition=c.default_partition,
                 read_only=c.read_only, pack_gc=c.pack_gc,
                 journal=path, journal_seen=seen,
-                overlays=overlays_of(sections))
+                overlays=overlays_of(sections), shared=shared_value(c.shared))
         except BaseException:
             close_all(opened)
             raise
         if c.containment:
             contain_every_db(storage)
         return storage
+
+
+def shared_value(text):
+    """The ``shared`` key: ``'auto'``, true or false."""
+    value = (text or 'auto').strip().lower()
+    if value == 'auto':
+        return 'auto'
+    if value in ('true', 'yes', 'on', '1'):
+        return True
+    if value in ('false', 'no', 'off', '0'):
+        return False
+    raise ConfigurationError(
+        'shared must be auto, true or false, not %r' % text)
 
 
 def overlays_of(sections):

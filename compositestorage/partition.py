@@ -157,6 +157,7 @@ class Partition:
         self._limit = self._base + KEYED_SUFFIX
         self._next = None
         self._allocated = None   # the last oid handed out, once _next is set
+        self._block_end = 0
         self._oid_lock = threading.Lock()
         self.stubs = {}
         #: finds nothing in a record this child can store as it is
@@ -175,16 +176,37 @@ class Partition:
 
     # --- oid allocation ---------------------------------------------------
 
+    #: ``reserve(prefix, floor, count)``: the first of ``count`` oids (as
+    #: integers, none below ``floor``) that no other process is given; set
+    #: for the partitions of a shared composite (see compositestorage.mvcc)
+    oid_blocks = None
+    #: how many oids a process takes from the shared counter at a time
+    OID_BLOCK = 32
+
     def new_oid(self):
         with self._oid_lock:
-            if self._next is None:
-                top = self.max_own_oid()
-                self._next = max(u64(top) + 1 if top else 0, self._base + 1)
+            if self._next is None or self._next >= self._block_end:
+                self._next = self._next_block()
             if self._next >= self._limit:
                 raise PartitionFullError(self.name, self.prefix)
             oid = self._allocated = p64(self._next)
             self._next += 1
             return oid
+
+    def _next_block(self):
+        """Where allocation goes on: above the child's highest own oid at
+        first, then in the next block of the shared counter, if any."""
+        if self._next is None:
+            top = self.max_own_oid()
+            floor = max(u64(top) + 1 if top else 0, self._base + 1)
+        else:
+            floor = self._next
+        if self.oid_blocks is None or floor >= self._limit:
+            self._block_end = self._limit
+            return floor
+        first = self.oid_blocks(self.prefix, floor, self.OID_BLOCK)
+        self._block_end = first + self.OID_BLOCK
+        return first
 
     def saw_oid(self, oid):
         """Keep allocation above an oid stored by a caller (restore, copy)."""

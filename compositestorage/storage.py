@@ -5,6 +5,7 @@ Routing is by the oid's first byte: the prefix of the oid's home partition
 coordinates the children, ``iteration`` merges them, ``gc`` packs them and
 ``blobs`` routes blobs.
 """
+import contextlib
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ from ZODB.interfaces import IBlobStorage
 from ZODB.interfaces import IBlobStorageRestoreable
 from ZODB.interfaces import IExternalGC
 from ZODB.interfaces import IMultiCommitStorage
+from ZODB.interfaces import IMVCCStorage
 from ZODB.interfaces import IStorage
 from ZODB.interfaces import IStorageCurrentRecordIteration
 from ZODB.interfaces import IStorageIteration
@@ -30,6 +32,7 @@ from ZODB.utils import z64
 from compositestorage import blobs
 from compositestorage import gc as global_gc
 from compositestorage import iteration
+from compositestorage import mvcc
 from compositestorage import namespaces
 from compositestorage.children import file_name
 from compositestorage.commit import Coordinator
@@ -61,6 +64,7 @@ from compositestorage.references import class_of
 from compositestorage.references import hints_to_classes
 from compositestorage.references import resolver_keeping_tags
 from compositestorage.references import to_child_record
+from compositestorage.shared import TableJournal
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,8 @@ class CompositeStorage(blobs.BlobMethods):
 
     def __init__(self, partitions, name=None, placement='default',
                  default_partition=None, read_only=False, pack_gc=True,
-                 journal=None, journal_seen=None, overlays=None):
+                 journal=None, journal_seen=None, overlays=None,
+                 shared='auto'):
         check_layout([
             (p.name, p.prefix, p.storage, storage_identity(p.storage))
             if isinstance(p, Partition) else
@@ -92,30 +97,32 @@ class CompositeStorage(blobs.BlobMethods):
             for p in partitions], default_partition)
         parts = [p if isinstance(p, Partition) else Partition(*p)
                  for p in partitions]
-        self.partitions = sorted(parts, key=lambda p: p.prefix)
-        self._by_prefix = {p.prefix: p for p in self.partitions}
-        self._by_name = {p.name: p for p in self.partitions}
-        self._load_before = {p.prefix: p.storage.loadBefore
-                             for p in self.partitions}
-        self.primary = self._by_prefix[0]
-        self.default_partition = self._by_name.get(default_partition,
-                                                   self.primary)
         self._read_only = bool(read_only)
         if self._read_only:
-            for p in self.partitions:
+            for p in parts:
                 p.read_only = True
+        self._index(parts)
+        self.default_partition = self._by_name.get(default_partition,
+                                                   self.primary)
         self._pack_gc = pack_gc
-        self._writable_by_prefix = {p.prefix: p for p in self.partitions
-                                    if not p.read_only}
         self.__name__ = name or 'Composite(%s)' % ', '.join(
             '%s=%s' % (p.name, p.storage.getName()) for p in self.partitions)
         self._refused = None
         self._opened = True
         #: what each partition lost in this process's last pack
         self.last_pack = None
-        self.journal = open_journal(journal, self.partitions)
+        #: the session on the primary's database of a shared composite
+        #: (see compositestorage.mvcc), else None
+        self._shared = None
+        if mvcc.decide(shared, self.partitions, journal, overlays):
+            self._shared = mvcc.shared_state(self.primary)
+            self.journal = TableJournal(self._shared)
+        else:
+            self.journal = open_journal(journal, self.partitions)
         self._writer_lock = None
         try:
+            if self._shared is not None:
+                self._share_children()
             self._become_writer()
             self._finish_lock = threading.RLock()
             self._coordinator = Coordinator(self)
@@ -142,9 +149,36 @@ class CompositeStorage(blobs.BlobMethods):
                 self._coordinator.pending_init.clear()
                 self._check_maps()
             self._declare_interfaces()
+            if self._shared is not None:
+                mvcc.poll(self)
         except BaseException:
             self._release_writer_lock()
             raise
+
+    def _index(self, parts):
+        """Route by prefix and name to ``parts``."""
+        self.partitions = sorted(parts, key=lambda p: p.prefix)
+        self._by_prefix = {p.prefix: p for p in self.partitions}
+        self._by_name = {p.name: p for p in self.partitions}
+        self._load_before = {p.prefix: p.storage.loadBefore
+                             for p in self.partitions}
+        self.primary = self._by_prefix[0]
+        self._writable_by_prefix = {p.prefix: p for p in self.partitions
+                                    if not p.read_only}
+
+    def _share_children(self):
+        """Make the tables every process shares, and take each
+        partition's oids in blocks from them."""
+        self._shared.install()
+        blocks = mvcc.shared_state(self.primary)
+        lock = threading.Lock()
+
+        def reserve(prefix, floor, count):
+            with lock:
+                return blocks.reserve_oids(prefix, floor, count)
+        self._oid_blocks = blocks
+        for p in self.partitions:
+            p.oid_blocks = reserve
 
     def _become_writer(self):
         """Take the writer lock beside the journal, open the journal, and
@@ -153,7 +187,9 @@ class CompositeStorage(blobs.BlobMethods):
         journal = self.journal
         if self._read_only:
             return
-        if journal is not None:
+        if self._shared is not None:
+            pass    # every process writes; the primary's database locks
+        elif journal is not None:
             self._writer_lock = lock_writer(journal)
             try:
                 journal.open()
@@ -196,10 +232,11 @@ class CompositeStorage(blobs.BlobMethods):
                                               packed_to=self.packed_to()):
                 hide = entry.tid if hide is None else min(hide, entry.tid)
         else:
-            if journal is not None:
-                self.recovered = recover(self._by_prefix, journal)
-            self.partial = remove_partial(self._by_prefix,
-                                          packed_to=self.packed_to())
+            with self._exclusive():
+                if journal is not None:
+                    self.recovered = recover(self._by_prefix, journal)
+                self.partial = remove_partial(self._by_prefix,
+                                              packed_to=self.packed_to())
         last = z64
         for p in self.partitions:
             tid = (last_finished(p) if self._read_only
@@ -212,6 +249,23 @@ class CompositeStorage(blobs.BlobMethods):
         self.advance_visible(self._ltid)
         return bool(self.partial) or (
             self.recovered is not None and bool(self.recovered.rolled_back))
+
+    def _exclusive(self):
+        """No other process commits or polls in the block (a shared
+        composite); nothing to hold otherwise."""
+        if self._shared is None:
+            return contextlib.nullcontext()
+        return self._shared.exclusive()
+
+    def recover_shared(self):
+        """Recover the intent a process that died left in the primary's
+        database (see :func:`compositestorage.mvcc.poll`)."""
+        with self._exclusive():
+            outcome = recover(self._by_prefix, self.journal)
+        if outcome is not None:
+            logger.warning('%s: recovered %s, left by a process that died',
+                           self.__name__, outcome)
+        return outcome
 
     def packed_to(self):
         """The time of the last pack, as a tid: checks of the partitions a
@@ -300,6 +354,8 @@ class CompositeStorage(blobs.BlobMethods):
             provided.append(IExternalGC)
         if self.supportsUndo():
             provided.append(IStorageUndoable)
+        if self._shared is not None:
+            provided.append(IMVCCStorage)
         if all(IBlobStorage.providedBy(c) for c in children):
             provided.append(IBlobStorage)
             if all(IBlobStorageRestoreable.providedBy(c) for c in children):
@@ -407,15 +463,54 @@ class CompositeStorage(blobs.BlobMethods):
         """The tid a ``loadBefore`` for the visible state asks with."""
         return self._visible_limit
 
+    def hide_from(self, tid):
+        """See nothing from ``tid`` on: a read-only composite's poll found
+        it in a dead process's intent, which only a writer recovers."""
+        before = p64(u64(tid) - 1)
+        self._ltid = min(self._ltid, before) if self._ltid else before
+        self._visible_tid = before
+        self._visible_limit = tid
+
     def lastTransaction(self):
         with self._finish_lock:
             return self._ltid
 
     def registerDB(self, db):
-        """Nothing to do: invalidations reach ZODB through tpc_finish."""
+        """Nothing to do: invalidations reach ZODB through tpc_finish, or
+        by polling (a shared composite)."""
+
+    # --- many processes (IMVCCStorage, a shared composite) --------------------
+
+    def new_instance(self):
+        """An instance for one ZODB connection, with a snapshot of its own
+        (IMVCCStorage; see :mod:`compositestorage.mvcc`)."""
+        if self._shared is None:
+            raise POSException.Unsupported(
+                'only a shared composite has instances (its children all '
+                'RelStorage on PostgreSQL); ZODB wraps this one in its '
+                'MVCCAdapter')
+        return mvcc.new_instance(getattr(self, '_root', self))
+
+    def poll_invalidations(self):
+        return mvcc.poll_invalidations(self)
+
+    def sync(self, force=True):
+        if self._shared is not None:
+            mvcc.sync(self, force)
+
+    def release(self):
+        if self._shared is not None and hasattr(self, '_root'):
+            mvcc.release(self)
 
     def close(self):
+        if hasattr(self, '_root'):
+            # an instance: the root closes the children
+            self.release()
+            return
         self._opened = False
+        if self._shared is not None:
+            self._shared.close()
+            self._oid_blocks.close()
         try:
             for p in self.partitions:
                 p.storage.close()

@@ -194,7 +194,8 @@ class RelStorageChild(Child):
     collects_garbage = True
     counts_cheaply = True
 
-    def __init__(self, storage, base):
+    def __init__(self, storage, base=None):
+        base = storage if base is None else base
         Child.__init__(self, OneThreadAtATime(storage, self), base)
         _by_revision(base._cache)
         #: whether the transaction being committed undid something
@@ -213,6 +214,25 @@ class RelStorageChild(Child):
 
     def type_name(self):
         return type(self.base).__name__      # not the OneThreadAtATime
+
+    @property
+    def shareable(self):
+        """Whether processes on several machines can open the child at
+        once: a database server's (an SQLite file is one machine's)."""
+        return self.engine == 'postgresql'
+
+    def shared_session(self):
+        """A new ``(connection, cursor)`` on the child's database, in
+        READ COMMITTED, for what the processes of a shared composite
+        share there (:mod:`compositestorage.shared`)."""
+        connmanager = self._db.connmanager
+        return connmanager.open(
+            isolation=connmanager.isolation_read_committed)
+
+    def new_instance(self):
+        """The adapter of a new RelStorage instance of this child, for one
+        instance of a shared composite: its own sessions and snapshot."""
+        return RelStorageChild(self.base.new_instance(), None)
 
     def describe(self):
         return '%s RelStorage on %s' % (
