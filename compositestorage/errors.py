@@ -132,3 +132,8 @@ class NotAtomicError(CompositeStorageError, StorageTransactionError):
     cannot take a finished transaction back, so no order of finishing
     keeps it all or nothing (see "What holds for each child kind" in
     docs/commit-protocol.rst)."""
+
+
+class CommitLockTimeout(CompositeStorageError):
+    """A lock of a shared composite was not granted in time: another
+    process holds it (see compositestorage.shared)."""

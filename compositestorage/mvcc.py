@@ -76,7 +76,8 @@ def decide(shared, partitions, journal, overlays):
 def shared_state(primary):
     """A :class:`SharedState` session on ``primary``'s database."""
     child = primary.child
-    return SharedState(child.shared_session, child.location)
+    return SharedState(child.shared_session, child.location,
+                       child.commit_lock_timeout)
 
 
 class InstancePartition(Partition):
@@ -107,7 +108,10 @@ def new_instance(root):
     inst._root = root
     inst._index([InstancePartition(p, p.child.new_instance())
                  for p in root.partitions])
-    inst._shared = SharedState(root._shared._connect, root._shared.where)
+    inst.default_partition = inst._by_name[root.default_partition.name]
+    inst._wrap_resolvers()
+    inst._shared = SharedState(root._shared._connect, root._shared.where,
+                               root._shared.timeout)
     inst.journal = TableJournal(inst._shared)
     inst._finish_lock = threading.RLock()
     inst._writer_lock = None

@@ -40,6 +40,7 @@ from ZODB.utils import p64
 from ZODB.utils import u64
 from ZODB.utils import z64
 
+from compositestorage.errors import CommitLockTimeout
 from compositestorage.errors import JournalError
 from compositestorage.journal import Intent
 
@@ -49,6 +50,9 @@ logger = logging.getLogger(__name__)
 LOCK_CLASS = 0x43537431
 COMMIT_LOCK = 1
 FINISH_LOCK = 2
+
+#: PostgreSQL's SQLSTATE for a lock not granted within lock_timeout
+LOCK_NOT_AVAILABLE = '55P03'
 
 STATE = 'compositestorage_state'
 OIDS = 'compositestorage_oids'
@@ -97,9 +101,11 @@ class SharedState:
     opened at first use and again after it was lost.
     """
 
-    def __init__(self, connect, where):
+    def __init__(self, connect, where, timeout=30):
         self._connect = connect
         self.where = where
+        #: seconds a lock is waited for (RelStorage's commit-lock-timeout)
+        self.timeout = timeout
         self._conn = None
         self._cursor = None
         self.holds_commit = False
@@ -111,16 +117,35 @@ class SharedState:
         """Run ``sql`` and commit; the rows of its last statement when
         ``fetch``."""
         if self._conn is None:
-            self._conn, self._cursor = self._connect()
+            self._open()
         cursor = self._cursor
         try:
             cursor.execute(sql, params)
             rows = cursor.fetchall() if fetch else None
             self._conn.commit()
-        except BaseException:
+        except BaseException as e:
             self._drop()
+            if getattr(e, 'pgcode', None) == LOCK_NOT_AVAILABLE:
+                raise CommitLockTimeout(
+                    'a lock of the shared composite (%s) was not granted '
+                    'within %s s: another process holds it, committing or '
+                    'recovering (see pg_locks, locktype advisory, classid '
+                    '%d); try again, or raise commit-lock-timeout of the '
+                    'primary\'s <relstorage>' % (
+                        self.where, self.timeout, LOCK_CLASS)) from e
             raise
         return rows
+
+    def _open(self):
+        conn, cursor = self._connect()
+        try:
+            cursor.execute("SET lock_timeout = '%dms'"
+                           % max(1, int(self.timeout * 1000)))
+            conn.commit()
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._cursor = conn, cursor
 
     def _drop(self):
         """Forget the session: a lost session holds no lock any more."""

@@ -136,11 +136,7 @@ class CompositeStorage(blobs.BlobMethods):
             for prefix in self._overlays:
                 self._load_before.pop(prefix)
                 self._writable_by_prefix.pop(prefix, None)
-            for p in self.partitions:
-                resolve = getattr(p.storage, 'tryToResolveConflict', None)
-                if resolve is not None:
-                    p.storage.tryToResolveConflict = resolver_keeping_tags(
-                        resolve)
+            self._wrap_resolvers()
             self.identity = None
             # The children must be the right ones before recovery may cut
             # any of them: a swapped or foreign child is refused first.
@@ -165,6 +161,14 @@ class CompositeStorage(blobs.BlobMethods):
         self.primary = self._by_prefix[0]
         self._writable_by_prefix = {p.prefix: p for p in self.partitions
                                     if not p.read_only}
+
+    def _wrap_resolvers(self):
+        """Have each child's conflict resolver keep the tag rule."""
+        for p in self.partitions:
+            resolve = getattr(p.storage, 'tryToResolveConflict', None)
+            if resolve is not None:
+                p.storage.tryToResolveConflict = resolver_keeping_tags(
+                    resolve)
 
     def _share_children(self):
         """Make the tables every process shares, and take each
@@ -803,6 +807,9 @@ class CompositeStorage(blobs.BlobMethods):
         """
         if self._read_only:
             raise POSException.ReadOnlyError()
+        if self._shared is not None:
+            # the mark starts from what every process has committed
+            self.sync()
         self.last_pack = global_gc.pack(
             self, t, self._pack_gc if gc is None else gc, progress)
 

@@ -16,6 +16,8 @@ import transaction
 import ZODB.config
 from persistent.mapping import PersistentMapping
 
+from compositestorage import placement
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), 'README.rst')
 
@@ -48,7 +50,8 @@ EXAMPLES = examples()
 def test_the_readme_has_every_example():
     assert set(EXAMPLES) == {'zeo.conf', 'client.conf', 'zodb.conf',
                              'zope.conf', 'uri', 'python', 'keyed-import',
-                             'keyed-lookup', 'overlay-vendor', 'overlay-hot'}
+                             'keyed-lookup', 'overlay-vendor', 'overlay-hot',
+                             'shared'}
 
 
 def test_quick_start_commands():
@@ -145,6 +148,38 @@ def test_zope_conf_through_zodb_config(var):
         assert [p.name for p in db.storage.partitions] == ['main', 'catalog']
     finally:
         db.close()
+
+
+def test_shared(var):
+    """The shared example, on two fresh PostgreSQL databases, opened by two
+    ZODB.DBs as two processes would: each sees the other's commit."""
+    from ZODB.interfaces import IMVCCStorage
+    from relstorage_engines import PG_HOST, PG_PORT, PG_USER
+    from relstorage_engines import postgres_database
+    with postgres_database() as site, postgres_database() as catalog:
+        text = EXAMPLES['shared'].replace('<zodb_db main>', '<zodb main>')
+        text = text.replace('</zodb_db>', '</zodb>')
+        text = '\n'.join(line for line in text.splitlines()
+                         if 'mount-point' not in line)
+        for name, db in (('site', site), ('catalog', catalog)):
+            text = text.replace(
+                'dbname=%s host=db.example.com' % name,
+                'dbname=%s host=%s port=%d user=%s' % (
+                    db, PG_HOST, PG_PORT, PG_USER))
+        one = ZODB.config.databaseFromString(text)
+        two = ZODB.config.databaseFromString(text)
+        try:
+            assert IMVCCStorage.providedBy(one.storage)
+            with one.transaction() as conn:
+                with placement(conn, 'catalog'):
+                    conn.root()['catalog'] = PersistentMapping(n=1)
+                    conn.add(conn.root()['catalog'])
+            with two.transaction() as conn:
+                assert conn.root()['catalog']['n'] == 1
+                assert conn.root()['catalog']._p_oid[0] == 1
+        finally:
+            one.close()
+            two.close()
 
 
 def test_zope_conf_with_zope(var):

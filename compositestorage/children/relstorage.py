@@ -221,6 +221,11 @@ class RelStorageChild(Child):
         once: a database server's (an SQLite file is one machine's)."""
         return self.engine == 'postgresql'
 
+    @property
+    def commit_lock_timeout(self):
+        """Seconds a commit waits for a lock (``commit-lock-timeout``)."""
+        return self.base._options.commit_lock_timeout
+
     def shared_session(self):
         """A new ``(connection, cursor)`` on the child's database, in
         READ COMMITTED, for what the processes of a shared composite

@@ -1,0 +1,345 @@
+"""A shared composite (IMVCCStorage) within one process: instances,
+snapshots, polls, the locks and the journal in the primary's database.
+
+Processes are in tests/test_shared_processes.py; these tests use several
+instances (each with sessions of its own, as another process has) where a
+step must be placed exactly between two others.
+"""
+import threading
+import time
+
+import pytest
+import transaction
+import ZODB
+from persistent.mapping import PersistentMapping as PM
+from ZODB.interfaces import IMVCCStorage
+from ZODB.POSException import Unsupported
+from ZODB.utils import z64
+
+from compositestorage import faults
+from compositestorage import placement
+from compositestorage.errors import CommitLockTimeout
+from compositestorage.errors import ConfigurationError
+from compositestorage.shared import LOCK_CLASS
+
+from relstorage_engines import child_section
+from relstorage_engines import composite_config
+from relstorage_engines import databases
+from relstorage_engines import open_config
+from relstorage_engines import require_postgres
+
+NAMES = ('main', 'b', 'c')
+
+
+@pytest.fixture
+def config(tmp_path):
+    require_postgres()
+    with databases('postgresql', tmp_path, NAMES) as where:
+        yield composite_config(tmp_path, [
+            (name, prefix, child_section('postgresql', where[name]))
+            for prefix, name in enumerate(NAMES)],
+            primary_file=False, journal=False)
+
+
+@pytest.fixture
+def storage(config):
+    storage = open_config(config)
+    yield storage
+    storage.close()
+
+
+def fill(db):
+    """A counter in every partition."""
+    with db.transaction() as conn:
+        for name in NAMES:
+            with placement(conn, name):
+                conn.root()[name] = PM(v=0)
+                conn.add(conn.root()[name])
+
+
+def move(storage, a, b, tm=None):
+    """One transaction through a new connection: a unit from ``a`` to
+    ``b``."""
+    db = ZODB.DB(storage) if not hasattr(storage, 'open') else storage
+    tm = tm or transaction.TransactionManager()
+    conn = db.open(tm)
+    root = conn.root()
+    root[a]['v'] -= 1
+    root[b]['v'] += 1
+    tm.commit()
+    conn.close()
+
+
+def counters(instance):
+    """The counters as ``instance`` sees them now (its own snapshot)."""
+    db = ZODB.DB(instance)
+    try:
+        with db.transaction() as conn:
+            return {name: conn.root()[name]['v'] for name in NAMES}
+    finally:
+        db.close()
+
+
+def test_a_composite_of_postgresql_children_is_shared(storage):
+    assert IMVCCStorage.providedBy(storage)
+    instance = storage.new_instance()
+    try:
+        assert IMVCCStorage.providedBy(instance)
+        assert instance.new_instance() is not None
+        # every child of an instance is a RelStorage instance of its own
+        for mine, root in zip(instance.partitions, storage.partitions):
+            assert mine.storage is not root.storage
+            assert mine.base is not root.base
+            assert mine.root is root
+    finally:
+        instance.release()
+
+
+def test_a_composite_of_file_storages_is_not(tmp_path):
+    from ZODB.FileStorage import FileStorage
+    from compositestorage import CompositeStorage
+    storage = CompositeStorage([
+        ('main', 0, FileStorage(str(tmp_path / 'main.fs'))),
+        ('b', 1, FileStorage(str(tmp_path / 'b.fs')))])
+    try:
+        assert not IMVCCStorage.providedBy(storage)
+        with pytest.raises(Unsupported, match='MVCCAdapter'):
+            storage.new_instance()
+    finally:
+        storage.close()
+
+
+def test_shared_false_keeps_one_process(config, tmp_path):
+    text = config.replace('placement default\n', 'placement default\n'
+                          'shared false\njournal %s\n'
+                          % (tmp_path / 'c.journal'))
+    storage = open_config(text)
+    try:
+        assert not IMVCCStorage.providedBy(storage)
+        assert storage.journal.path == str(tmp_path / 'c.journal')
+    finally:
+        storage.close()
+
+
+def test_shared_true_refuses_a_file_storage_child(tmp_path, config):
+    text = config.replace('placement default\n', 'placement default\n'
+                          'shared true\n')
+    text = text.replace(
+        text[text.index('<partition c>'):text.index('</partition>',
+                                                     text.index(
+                                                         '<partition c>'))],
+        '<partition c>\n prefix 2\n <filestorage>\n  path %s\n'
+        ' </filestorage>\n' % (tmp_path / 'c.fs'))
+    with pytest.raises(ConfigurationError) as exc:
+        open_config(text)
+    message = str(exc.value)
+    assert "partition 'c'" in message and 'shared false' in message
+    assert 'RelStorage on PostgreSQL' in message
+
+
+def test_shared_true_refuses_a_journal_file(tmp_path, config):
+    text = config.replace('placement default\n', 'placement default\n'
+                          'shared true\njournal %s\n'
+                          % (tmp_path / 'c.journal'))
+    with pytest.raises(ConfigurationError, match='remove the journal key'):
+        open_config(text)
+
+
+def test_a_snapshot_holds_until_the_next_poll(storage):
+    db = ZODB.DB(storage)
+    fill(db)
+    reader = storage.new_instance()
+    try:
+        reader.poll_invalidations()
+        oid = reader.load(z64)[0] and None
+        before = {name: reader.load(db.open().root()[name]._p_oid)[1]
+                  for name in NAMES}
+        move(db, 'b', 'c')
+        # the reader's snapshot has not moved
+        after = {name: reader.load(db.open().root()[name]._p_oid)[1]
+                 for name in NAMES}
+        assert after == before
+        changed = reader.poll_invalidations()
+        conn = db.open()
+        b_oid = conn.root()['b']._p_oid
+        c_oid = conn.root()['c']._p_oid
+        # only the objects of the partitions: no stub, no map
+        assert set(changed) == {b_oid, c_oid}
+        assert reader.load(b_oid)[1] > before['b']
+        assert oid is None
+    finally:
+        reader.release()
+        db.close()
+
+
+def waiting_for_finish_lock(storage):
+    """How many sessions wait for the finish lock (PostgreSQL's view)."""
+    rows = storage._shared._run(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND "
+        "NOT granted AND classid = %d AND objid = 2" % LOCK_CLASS,
+        fetch=True)
+    return rows[0][0]
+
+
+def wait_until(condition, seconds=30):
+    for _ in range(int(seconds * 20)):
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def oids(db):
+    conn = db.open()
+    try:
+        return {name: conn.root()[name]._p_oid for name in NAMES}
+    finally:
+        conn.close()
+
+
+def test_a_poll_waits_for_a_finish_and_sees_all_of_it(config, storage):
+    """A poll taken while a commit (in another composite, as another
+    process) is between the finishes of two children waits for it, and
+    then sees the transaction in both partitions."""
+    db = ZODB.DB(storage)
+    fill(db)
+    where = oids(db)
+    reader = storage.new_instance()
+    reader.poll_invalidations()
+    before = reader.lastTransaction()
+    other = open_config(config)
+    other_db = ZODB.DB(other)
+    between = threading.Event()
+    go_on = threading.Event()
+    polled = []
+
+    def hook(name):
+        if name == 'finished:b' and threading.current_thread() is writer:
+            between.set()
+            assert go_on.wait(60)
+
+    faults.hook = hook
+    try:
+        writer = threading.Thread(target=move, args=(other_db, 'b', 'c'))
+        writer.start()
+        assert between.wait(30)
+        poller = threading.Thread(
+            target=lambda: polled.append(reader.poll_invalidations()))
+        poller.start()
+        # the poll waits for the finish lock, as PostgreSQL shows
+        assert wait_until(lambda: waiting_for_finish_lock(storage) == 1)
+        assert not polled
+        go_on.set()
+        writer.join(60)
+        poller.join(60)
+    finally:
+        faults.hook = None
+        go_on.set()
+    try:
+        assert polled and set(polled[0]) == {where['b'], where['c']}
+        b, c = reader.load(where['b']), reader.load(where['c'])
+        assert b[1] == c[1] == reader.lastTransaction()
+        assert b[1] > before
+    finally:
+        reader.release()
+        other_db.close()
+        db.close()
+
+
+class Died(BaseException):
+    """What a process that dies leaves: nothing of the rest runs."""
+
+
+def test_a_writer_that_died_between_two_finishes_is_recovered_by_a_poll(
+        config, storage):
+    db = ZODB.DB(storage)
+    fill(db)
+    where = oids(db)
+    reader = storage.new_instance()
+    reader.poll_invalidations()
+    before = {name: reader.load(where[name]) for name in NAMES}
+    dead = open_config(config)
+    dead_db = ZODB.DB(dead)
+
+    def hook(name):
+        if name == 'finished:b':
+            raise Died()
+
+    faults.hook = hook
+    try:
+        with pytest.raises(Died):
+            move(dead_db, 'b', 'c')
+    finally:
+        faults.hook = None
+    # its sessions end, as a killed process's do
+    dead_db.close()
+    intent = storage.journal.read()
+    assert intent is not None and intent.prefixes == (1, 2)
+    try:
+        changed = reader.poll_invalidations()
+        # recovered by the poll, before its snapshot: b was taken back
+        assert storage.journal.read() is None
+        assert {name: reader.load(where[name]) for name in NAMES} == before
+        assert not set(changed or ()) & {where['b'], where['c']}
+        assert counters(storage.new_instance()) == {
+            'main': 0, 'b': 0, 'c': 0}
+        # the next commit goes through, above the tid taken back
+        move(db, 'b', 'c')
+        assert counters(storage.new_instance()) == {
+            'main': 0, 'b': -1, 'c': 1}
+    finally:
+        reader.release()
+        db.close()
+
+
+def test_a_commit_waits_for_the_commit_lock_no_longer_than_the_timeout(
+        config, storage):
+    other = open_config(config)
+    other._shared.timeout = 0.5
+    mine = storage.new_instance()
+    txn = transaction.Transaction()
+    mine.tpc_begin(txn)
+    try:
+        other_txn = transaction.Transaction()
+        with pytest.raises(CommitLockTimeout) as exc:
+            other.tpc_begin(other_txn)
+        assert 'another process holds it' in str(exc.value)
+        assert 'commit-lock-timeout' in str(exc.value)
+    finally:
+        mine.tpc_abort(txn)
+        mine.release()
+    # once let go of, the other commits
+    other_txn = transaction.Transaction()
+    other.tpc_begin(other_txn)
+    other.tpc_vote(other_txn)
+    other.tpc_finish(other_txn)
+    other.close()
+
+
+def test_oids_of_two_composites_never_meet(config, storage):
+    other = open_config(config)
+    try:
+        mine = [storage.new_oid_in('b') for _ in range(100)]
+        theirs = [other.new_oid_in('b') for _ in range(100)]
+        mine += [storage.new_oid_in('b') for _ in range(100)]
+        assert not set(mine) & set(theirs)
+        assert all(oid[0] == 1 for oid in mine + theirs)
+    finally:
+        other.close()
+
+
+def test_a_transaction_id_is_above_every_process_s(config, storage):
+    db = ZODB.DB(storage)
+    fill(db)
+    other = open_config(config)
+    other_db = ZODB.DB(other)
+    try:
+        move(other_db, 'b', 'c')
+        last = other.lastTransaction()
+        # this process has not polled: its last tid is older
+        assert storage.lastTransaction() < last
+        move(db, 'main', 'b')
+        assert storage.lastTransaction() > last
+    finally:
+        other_db.close()
+        db.close()
