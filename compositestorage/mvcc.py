@@ -177,9 +177,16 @@ def sync(storage, force=True):
     storage._synced = True
 
 
+#: Beyond this many oids waiting for ``poll_invalidations``, ZODB is told
+#: to drop its whole cache instead (a composite whose snapshot is moved by
+#: ``sync`` or ``lastTransaction`` and rarely asked for invalidations).
+MAX_QUEUED = 100000
+
+
 def _queue(storage, changed):
     queued = storage._queued
-    if queued is None or changed is None:
+    if queued is None or changed is None or \
+            len(queued) + len(changed) > MAX_QUEUED:
         storage._queued = None
     else:
         queued.update(changed)

@@ -117,6 +117,9 @@ class CompositeStorage(blobs.BlobMethods):
         if mvcc.decide(shared, self.partitions, journal, overlays):
             self._shared = mvcc.shared_state(self.primary)
             self.journal = TableJournal(self._shared)
+            #: invalidations polled by ``sync``, for ``poll_invalidations``
+            self._queued = {}
+            self._synced = False
         else:
             self.journal = open_journal(journal, self.partitions)
         self._writer_lock = None
@@ -476,12 +479,35 @@ class CompositeStorage(blobs.BlobMethods):
         self._visible_limit = tid
 
     def lastTransaction(self):
+        self._current_view()
         with self._finish_lock:
             return self._ltid
 
+    def _current_view(self):
+        """Bring a shared composite's own snapshot up to date first.
+
+        ``IMVCCStorage`` has the storage that ZODB.DB holds (not the
+        instances its connections use) answer ``lastTransaction``,
+        ``undoLog``, ``iterator`` and the like from the current state of
+        the database; its snapshot moves nowhere else.  An instance keeps
+        the snapshot of its last poll."""
+        if self._shared is not None and '_root' not in self.__dict__:
+            mvcc.sync(self)
+
     def registerDB(self, db):
         """Nothing to do: invalidations reach ZODB through tpc_finish, or
-        by polling (a shared composite)."""
+        by polling (a shared composite).
+
+        A ZEO server registers itself here.  It reads the composite itself,
+        never an instance, and nothing tells it of other processes'
+        commits, so a shared composite refuses it."""
+        if self._shared is not None and \
+                type(db).__name__ == 'StorageServerDB':
+            raise ConfigurationError(
+                '%s is shared (its children are all RelStorage on '
+                'PostgreSQL): every process opens it directly, and a ZEO '
+                'server would not hear of their commits.  Set shared false '
+                'to serve it with ZEO as its one writer' % self.__name__)
 
     # --- many processes (IMVCCStorage, a shared composite) --------------------
 
@@ -775,15 +801,20 @@ class CompositeStorage(blobs.BlobMethods):
         return iteration.undo(self, transaction_id, transaction)
 
     def undoLog(self, first=0, last=-20, filter=None):
+        self._current_view()
         return iteration.undo_log(self, first, last, filter)
 
     def undoInfo(self, first=0, last=-20, specification=None):
+        self._current_view()
         return iteration.undo_info(self, first, last, specification)
 
     def iterator(self, start=None, stop=None):
+        self._current_view()
         return iteration.CompositeIterator(self, start, stop)
 
     def record_iternext(self, next=None):
+        if next is None:
+            self._current_view()
         return iteration.record_iternext(self, next)
 
     def lastInvalidations(self, size):

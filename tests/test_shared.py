@@ -343,3 +343,67 @@ def test_a_transaction_id_is_above_every_process_s(config, storage):
     finally:
         other_db.close()
         db.close()
+
+
+def test_conflicts_between_processes_are_resolved(config, storage):
+    """Two composites (as two processes) add to one resolvable counter in
+    partition b at once: RelStorage's resolution in the child merges
+    them, and nothing is lost."""
+    from BTrees.Length import Length
+    db = ZODB.DB(storage)
+    with db.transaction() as conn:
+        with placement(conn, 'b'):
+            conn.root()['n'] = Length()
+            conn.add(conn.root()['n'])
+    other_db = ZODB.DB(open_config(config))
+    try:
+        tm1, tm2 = transaction.TransactionManager(), \
+            transaction.TransactionManager()
+        one, two = db.open(tm1), other_db.open(tm2)
+        one.root()['n'].change(3)
+        two.root()['n'].change(4)
+        tm1.commit()
+        tm2.commit()        # a conflict, resolved
+        tm1.begin()
+        assert one.root()['n']() == 7
+        assert one.root()['n']._p_oid[0] == 1
+    finally:
+        other_db.close()
+        db.close()
+
+
+def test_a_conflict_between_processes_is_raised_and_nothing_is_lost(
+        config, storage):
+    from ZODB.POSException import ConflictError
+    db = ZODB.DB(storage)
+    fill(db)
+    other_db = ZODB.DB(open_config(config))
+    try:
+        tm1, tm2 = transaction.TransactionManager(), \
+            transaction.TransactionManager()
+        one, two = db.open(tm1), other_db.open(tm2)
+        one.root()['b']['v'] += 1
+        one.root()['c']['v'] -= 1
+        two.root()['b']['v'] += 10
+        two.root()['main']['v'] -= 10
+        tm1.commit()
+        with pytest.raises(ConflictError) as exc:
+            tm2.commit()
+        assert exc.value.oid == one.root()['b']._p_oid
+        tm2.abort()
+        # retried on a new snapshot, as an application does
+        two.root()['b']['v'] += 10
+        two.root()['main']['v'] -= 10
+        tm2.commit()
+        tm1.begin()
+        assert {k: one.root()[k]['v'] for k in NAMES} == {
+            'main': -10, 'b': 11, 'c': -1}
+    finally:
+        other_db.close()
+        db.close()
+
+
+def test_a_zeo_server_is_refused(storage):
+    from ZEO.StorageServer import StorageServerDB
+    with pytest.raises(ConfigurationError, match='shared false'):
+        storage.registerDB(StorageServerDB(None, '1'))
