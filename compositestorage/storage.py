@@ -114,6 +114,11 @@ class CompositeStorage(blobs.BlobMethods):
         #: the session on the primary's database of a shared composite
         #: (see compositestorage.mvcc), else None
         self._shared = None
+        #: a shared composite's invalidations that ``sync`` found and the
+        #: next ``poll_invalidations`` gives (see compositestorage.mvcc):
+        #: the root polls too, as RelStorage's does, not only its instances
+        self._queued = {}
+        self._synced = False
         if mvcc.decide(shared, self.partitions, journal, overlays):
             self._shared = mvcc.shared_state(self.primary)
             self.journal = TableJournal(self._shared)
