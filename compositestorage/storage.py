@@ -486,6 +486,22 @@ class CompositeStorage(blobs.BlobMethods):
 
     # --- many processes (IMVCCStorage, a shared composite) --------------------
 
+    def _view_current(self):
+        """The root of a shared composite takes a new snapshot first.
+
+        ZODB's connections commit through instances; the root, which
+        ``DB.undoLog``, ``DB.pack`` and tools ask, never polls on its own,
+        and its snapshot would stay where it was opened: the history,
+        the iteration and the pack's mark would miss every later
+        transaction (RelStorage reads these from a fresh connection).
+        What changed since is not told: the root's next
+        ``poll_invalidations`` says it cannot tell (``None``)."""
+        if (self._shared is None or hasattr(self, '_root')
+                or self._coordinator.state is not None):
+            return
+        mvcc.poll(self)
+        self._queued = None
+
     def new_instance(self):
         """An instance for one ZODB connection, with a snapshot of its own
         (IMVCCStorage; see :mod:`compositestorage.mvcc`)."""
@@ -776,15 +792,20 @@ class CompositeStorage(blobs.BlobMethods):
         return iteration.undo(self, transaction_id, transaction)
 
     def undoLog(self, first=0, last=-20, filter=None):
+        self._view_current()
         return iteration.undo_log(self, first, last, filter)
 
     def undoInfo(self, first=0, last=-20, specification=None):
+        self._view_current()
         return iteration.undo_info(self, first, last, specification)
 
     def iterator(self, start=None, stop=None):
+        self._view_current()
         return iteration.CompositeIterator(self, start, stop)
 
     def record_iternext(self, next=None):
+        if next is None:
+            self._view_current()
         return iteration.record_iternext(self, next)
 
     def lastInvalidations(self, size):
@@ -808,6 +829,7 @@ class CompositeStorage(blobs.BlobMethods):
         """
         if self._read_only:
             raise POSException.ReadOnlyError()
+        self._view_current()
         self.last_pack = global_gc.pack(
             self, t, self._pack_gc if gc is None else gc, progress)
 
