@@ -114,12 +114,14 @@ class CompositeStorage(blobs.BlobMethods):
         #: the session on the primary's database of a shared composite
         #: (see compositestorage.mvcc), else None
         self._shared = None
+        #: a shared composite's invalidations that ``sync`` found and the
+        #: next ``poll_invalidations`` gives (see compositestorage.mvcc):
+        #: the root polls too, as RelStorage's does, not only its instances
+        self._queued = {}
+        self._synced = False
         if mvcc.decide(shared, self.partitions, journal, overlays):
             self._shared = mvcc.shared_state(self.primary)
             self.journal = TableJournal(self._shared)
-            #: invalidations polled by ``sync``, for ``poll_invalidations``
-            self._queued = {}
-            self._synced = False
         else:
             self.journal = open_journal(journal, self.partitions)
         self._writer_lock = None
@@ -491,7 +493,8 @@ class CompositeStorage(blobs.BlobMethods):
         ``undoLog``, ``iterator`` and the like from the current state of
         the database; its snapshot moves nowhere else.  An instance keeps
         the snapshot of its last poll."""
-        if self._shared is not None and '_root' not in self.__dict__:
+        if self._shared is not None and '_root' not in self.__dict__ \
+                and self._coordinator.state is None:
             mvcc.sync(self)
 
     def registerDB(self, db):
