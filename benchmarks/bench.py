@@ -926,10 +926,41 @@ class CommitLockTimer:
 
         shared.SharedState.begin_commit = begin_commit
         shared.SharedState.end_commit = end_commit
+        for cls, name, _ in self.phase_methods():
+            self._time(cls, name)
+
+    @staticmethod
+    def phase_methods():
+        """``(class, method, label)`` of the steps timed inside the commit
+        lock (each a part of the time it is held)."""
+        from compositestorage import commit
+        from compositestorage import shared
+        return [(shared.SharedState, 'reserve_tid', 'reserve tid'),
+                (commit.Coordinator, 'tpc_vote', 'vote'),
+                (shared.SharedState, 'hold_finish', 'finish lock'),
+                (shared.TableJournal, 'write_intent', 'intent'),
+                (commit.Coordinator, '_finish_children', 'finish children'),
+                (shared.TableJournal, 'clear', 'clear intent')]
+
+    def _time(self, cls, name):
+        method = getattr(cls, name)
+        phases = self.phases
+        clock = time.perf_counter
+
+        def timed(*args, **kw):
+            t0 = clock()
+            try:
+                return method(*args, **kw)
+            finally:
+                phases[name] = phases.get(name, 0.0) + clock() - t0
+        setattr(cls, name, timed)
 
     def reset(self):
         self.wait = self.held = 0.0
         self.count = 0
+        if not hasattr(self, 'phases'):
+            self.phases = {}
+        self.phases.clear()
 
 
 def serve_writer(kind, config_path, proc, txns):
@@ -1011,7 +1042,7 @@ def serve_writer(kind, config_path, proc, txns):
               'imvcc': bool(IMVCCStorage.providedBy(storage))}
     if timer is not None:
         answer.update(lock_wait=timer.wait, lock_held=timer.held,
-                      lock_commits=timer.count)
+                      lock_commits=timer.count, phases=dict(timer.phases))
     conn.close()
     db.close()
     sys.stdout.write(json.dumps(answer) + '\n')
@@ -1046,11 +1077,11 @@ def run_writers(kind, procs, txns, timeout=600):
                 proc.kill()
                 proc.wait()
                 err.seek(0)
-                sys.stderr.write(err.read())
-                raise SystemExit('writer process on %s %s (exit code %s)'
-                                 % (kind, 'exited' if not line else
-                                    'said %r' % line.strip(),
-                                    proc.returncode))
+                raise WriterFailed(
+                    'writer process on %s %s (exit code %s)' % (
+                        kind, 'exited' if not line else
+                        'said %r' % line.strip(), proc.returncode),
+                    err.read())
             return line
         for proc, err in workers:
             read(proc, err, 'ready')
@@ -1081,6 +1112,10 @@ def run_writers(kind, procs, txns, timeout=600):
                                    / max(1, commits) * 1000)
             out['lock_held_ms'] = (sum(a['lock_held'] for a in answers)
                                    / max(1, commits) * 1000)
+            out['phases_ms'] = {
+                name: sum(a['phases'].get(name, 0.0) for a in answers)
+                / max(1, commits) * 1000
+                for _, name, _ in CommitLockTimer.phase_methods()}
         return out
     finally:
         for proc, err in workers:
@@ -1090,6 +1125,37 @@ def run_writers(kind, procs, txns, timeout=600):
             err.close()
         backing.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class WriterFailed(Exception):
+    """A writer process failed; ``output`` is what it wrote to stderr."""
+
+    def __init__(self, message, output):
+        Exception.__init__(self, message)
+        self.output = output
+
+
+#: What PostgreSQL says when its connection slots are all taken (other
+#: users of a shared server): the run is then tried again, a little later.
+NO_SLOTS = 'too many clients'
+
+
+def run_writers_again(kind, procs, txns, attempts=5, pause=10):
+    """``run_writers``, tried again when the server had no connection
+    slot left for it; any other failure stops the benchmark."""
+    import psycopg2
+    for attempt in range(attempts):
+        try:
+            return run_writers(kind, procs, txns)
+        except (WriterFailed, psycopg2.OperationalError) as e:
+            text = getattr(e, 'output', '') + str(e)
+            if NO_SLOTS not in text or attempt == attempts - 1:
+                sys.stderr.write(getattr(e, 'output', ''))
+                raise SystemExit(str(e))
+            print('%s with %d process(es): the server had no connection '
+                  'left; again in %d s' % (kind, procs, pause),
+                  file=sys.stderr)
+            time.sleep(pause)
 
 
 def run_processes(counts, txns, rounds, storages=tuple(backends.WRITERS)):
@@ -1104,7 +1170,7 @@ def run_processes(counts, txns, rounds, storages=tuple(backends.WRITERS)):
             k = turn % len(storages)
             turn += 1
             order = storages[k:] + storages[:k]
-            out[c].append({kind: run_writers(kind, c, txns)
+            out[c].append({kind: run_writers_again(kind, c, txns)
                            for kind in order})
             print('round %d/%d, %d process(es) done (%s), %.0f s elapsed'
                   % (r + 1, rounds, c, ' '.join(order),
@@ -1135,6 +1201,9 @@ def summarize_processes(storages, per_count):
             if 'lock_held' in rs[0]:
                 for key in ('lock_held', 'lock_wait_ms', 'lock_held_ms'):
                     e[key] = statistics.median(x[key] for x in rs)
+                e['phases_ms'] = {name: statistics.median(
+                    x['phases_ms'][name] for x in rs)
+                    for name in rs[0]['phases_ms']}
             entry[kind] = e
         summary['runs'][c] = entry
     base = counts[0]
@@ -1183,6 +1252,21 @@ def format_processes(storages, summary, txns, nrounds):
         lines.append('lock held = share of the run\'s time some process held '
                      'the shared composite\'s commit lock (tpc_begin to the '
                      'end of tpc_finish), and its mean per commit')
+        labels = [(name, label) for _, name, label
+                  in CommitLockTimer.phase_methods()]
+        for kind in storages:
+            for c in counts:
+                e = runs[c][kind]
+                if 'lock_held' not in e:
+                    continue
+                ph = e['phases_ms']
+                lines.append(
+                    '%s, %d proc, ms per commit: lock wait %.1f, held %.1f ='
+                    ' %s, other %.1f' % (
+                        kind, c, e['lock_wait_ms'], e['lock_held_ms'],
+                        ', '.join('%s %.1f' % (label, ph[name])
+                                  for name, label in labels),
+                        e['lock_held_ms'] - sum(ph.values())))
     return '\n'.join(lines)
 
 
@@ -1200,9 +1284,10 @@ def _parser():
                         help='objects per bulk workload (default 20000); '
                              'with --processes, transactions per writer '
                              'process (default %d)' % WRITER_TXNS)
-    parser.add_argument('--rounds', type=int, default=5,
+    parser.add_argument('--rounds', type=int, default=None,
                         help='rounds; each runs every storage once in a '
-                             'fresh process (default 5)')
+                             'fresh process (default 5; with --processes, '
+                             '3)')
     parser.add_argument('--repeat', type=int, default=2,
                         help='runs of the whole set of workloads in each '
                              'round; each storage keeps its quickest run of '
@@ -1372,6 +1457,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = WRITER_TXNS if (args.processes or args.writer) else 20000
+    if args.rounds is None:
+        args.rounds = 3 if args.processes else 5
     if args.quick:
         args.n, args.rounds, args.repeat = 200, 1, 1
 
