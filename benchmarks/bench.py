@@ -115,6 +115,39 @@ so no storage places cross targets itself:
     the partitions, so about half of all references cross partitions, and
     most transactions touch both.
 
+With ``--processes 1,2,4`` the workload is another: many writer
+processes, each opening the storage itself from a ZConfig file (as
+RelStorage users run one application process per worker, with no ZEO
+server), one run per number of processes.  Before they start, the driver
+gives each writer its own objects (20 to change, and 20 sources each
+referring to a target, the targets placed in partition ``other`` where
+there is one) and makes 10 shared objects.  Once every writer has opened
+the storage and loaded its objects, all start at once and each runs
+``-n`` small transactions (default 200), in turn: ``one`` (two of its own
+objects, one partition), ``two`` (a source and its target: two
+partitions) and ``add`` (a new object, referred to by one of its own);
+5 percent of them also change one of the shared objects, so that
+writers conflict now and then.  A transaction that conflicts is
+aborted and run again, and counted as a retry.  The rate is all the
+writers' transactions over the slowest writer's time; the storages are:
+
+``pg``
+    Plain RelStorage on one PostgreSQL database (the reference).
+``pg-shared``
+    A composite of two RelStorage children on PostgreSQL, each on a
+    database of its own, with no ``journal`` key: ``shared auto`` makes it
+    a shared composite (``IMVCCStorage``), which every process opens
+    directly and whose commit lock, finish lock and journal live in the
+    primary's database.  In its writers the benchmark also times how long
+    the commit lock is waited for and held (``tpc_begin`` to the end of
+    ``tpc_finish``), and the steps inside it.
+
+Each round runs, for each number of processes, each storage once (fresh
+databases, fresh processes), the order of the two turned each time; the
+report gives medians over the rounds of the rate, the per-round ratio to
+``pg`` and the scaling (median rate at N processes over the median rate
+at the fewest).
+
 Each round starts a fresh subprocess per storage (``bench.py --worker
 STORAGE``, on fresh files) and drives them in lockstep: each workload runs
 on every storage, one after the other, before the next workload starts; a
