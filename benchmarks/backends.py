@@ -27,6 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: Each maps to the number of databases it needs.
 POSTGRES = {'pg': 1, 'fs+pg': 1, 'pg+pg': 2}
 
+#: Storages of ``--processes`` (many writer processes, each opening the
+#: storage itself from a configuration), the reference first: plain
+#: RelStorage on one database; a *shared* composite of two PostgreSQL
+#: children (no journal key, so ``shared auto`` makes it an
+#: ``IMVCCStorage`` that every process opens directly).
+WRITERS = {'pg': 1, 'pg-shared': 2}
+
 #: Storages served by ZEO, the reference first: FileStorage; a composite
 #: of two FileStorages with everything in the primary; the same with
 #: round-robin placement, so that about half of all references cross.
@@ -82,11 +89,11 @@ def postgres_config(kind, directory, databases):
     if kind == 'fs+pg':
         return eng.composite_config(pathlib.Path(directory),
                                     [('other', 1, child[0])])
-    if kind == 'pg+pg':
+    if kind in ('pg+pg', 'pg-shared'):
         return eng.composite_config(
             pathlib.Path(directory),
             [('main', 0, child[0]), ('other', 1, child[1])],
-            primary_file=False)
+            primary_file=False, journal=(kind == 'pg+pg'))
     raise ValueError('not a PostgreSQL storage: %r' % kind)
 
 
@@ -113,8 +120,9 @@ class Databases(NoBacking):
     def __init__(self, kind):
         self._stack = contextlib.ExitStack()
         eng = engines()
+        count = POSTGRES[kind] if kind in POSTGRES else WRITERS[kind]
         self.names = [self._stack.enter_context(eng.postgres_database())
-                      for _ in range(POSTGRES[kind])]
+                      for _ in range(count)]
 
     def worker_args(self):
         return ['--databases', ','.join(self.names)]

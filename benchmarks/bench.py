@@ -115,6 +115,39 @@ so no storage places cross targets itself:
     the partitions, so about half of all references cross partitions, and
     most transactions touch both.
 
+With ``--processes 1,2,4`` the workload is another: many writer
+processes, each opening the storage itself from a ZConfig file (as
+RelStorage users run one application process per worker, with no ZEO
+server), one run per number of processes.  Before they start, the driver
+gives each writer its own objects (20 to change, and 20 sources each
+referring to a target, the targets placed in partition ``other`` where
+there is one) and makes 10 shared objects.  Once every writer has opened
+the storage and loaded its objects, all start at once and each runs
+``-n`` small transactions (default 200), in turn: ``one`` (two of its own
+objects, one partition), ``two`` (a source and its target: two
+partitions) and ``add`` (a new object, referred to by one of its own);
+5 percent of them also change one of the shared objects, so that
+writers conflict now and then.  A transaction that conflicts is
+aborted and run again, and counted as a retry.  The rate is all the
+writers' transactions over the slowest writer's time; the storages are:
+
+``pg``
+    Plain RelStorage on one PostgreSQL database (the reference).
+``pg-shared``
+    A composite of two RelStorage children on PostgreSQL, each on a
+    database of its own, with no ``journal`` key: ``shared auto`` makes it
+    a shared composite (``IMVCCStorage``), which every process opens
+    directly and whose commit lock, finish lock and journal live in the
+    primary's database.  In its writers the benchmark also times how long
+    the commit lock is waited for and held (``tpc_begin`` to the end of
+    ``tpc_finish``), and the steps inside it.
+
+Each round runs, for each number of processes, each storage once (fresh
+databases, fresh processes), the order of the two turned each time; the
+report gives medians over the rounds of the rate, the per-round ratio to
+``pg`` and the scaling (median rate at N processes over the median rate
+at the fewest).
+
 Each round starts a fresh subprocess per storage (``bench.py --worker
 STORAGE``, on fresh files) and drives them in lockstep: each workload runs
 on every storage, one after the other, before the next workload starts; a
@@ -142,6 +175,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -830,6 +864,445 @@ def overlay_read_ratio(n, repeat=3):
         times['overlaid'] / times['whole'])
 
 
+# --- many writer processes (--processes) ---------------------------------------
+
+#: Objects of each writer's own (changed by ``one`` and ``add``), its
+#: sources (``two``; each refers to a target in the second partition) and
+#: the objects every writer may touch.
+WRITER_OWN = 20
+WRITER_SOURCES = 20
+WRITER_SHARED = 10
+#: The share of transactions that also change one of the shared objects:
+#: the writers then conflict now and then, not all the time.
+WRITER_SHARED_FRACTION = 0.05
+#: The kinds of transaction a writer runs, in turn.
+WRITER_MIX = ('one', 'two', 'add')
+WRITER_TXNS = 200
+WRITER_COUNTS = (1, 2, 4)
+
+
+def writer_home(proc):
+    """The root key of writer process ``proc``'s own objects."""
+    return 'writer%d' % proc
+
+
+def make_writer_homes(config_text, procs):
+    """Open the storage once, before any writer starts, and give each
+    writer its own objects, with their cross targets placed in partition
+    ``other`` where there is one; and the shared objects.  Returns the
+    prefixes (first oid bytes) the targets got."""
+    import transaction
+    import ZODB
+    import ZODB.config
+    from persistent.list import PersistentList
+    from persistent.mapping import PersistentMapping
+    from compositestorage import CompositeStorage
+    db = ZODB.DB(ZODB.config.storageFromString(config_text))
+    try:
+        tm = transaction.TransactionManager(explicit=True)
+        conn = db.open(tm)
+        tm.begin()
+        root = conn.root()
+        composite = isinstance(db.storage, CompositeStorage)
+        targets = []
+        for p in range(procs):
+            sources = [PObject(i) for i in range(WRITER_SOURCES)]
+            for s in sources:
+                s.ref = PObject()
+                targets.append(s.ref)
+            if composite:
+                from compositestorage import placement
+                with placement(conn, 'other'):
+                    for s in sources:
+                        conn.add(s.ref)
+            root[writer_home(p)] = PersistentMapping(
+                objs=PersistentList(PObject(i) for i in range(WRITER_OWN)),
+                sources=PersistentList(sources))
+        root['shared'] = PersistentList(PObject(i)
+                                        for i in range(WRITER_SHARED))
+        tm.commit()
+        prefixes = sorted({t._p_oid[0] for t in targets})
+        conn.close()
+    finally:
+        db.close()
+    return prefixes
+
+
+class CommitLockTimer:
+    """How long a shared composite's commit lock is waited for and held
+    in this process: wraps ``SharedState.begin_commit`` (which takes the
+    lock, a round trip to PostgreSQL included) and ``end_commit`` (which
+    lets go of it)."""
+
+    def __init__(self):
+        from compositestorage import shared
+        self.reset()
+        begin = shared.SharedState.begin_commit
+        end = shared.SharedState.end_commit
+        timer = self
+        clock = time.perf_counter
+
+        def begin_commit(state):
+            t0 = clock()
+            found = begin(state)
+            t1 = clock()
+            timer.wait += t1 - t0
+            timer.count += 1
+            state._bench_taken = t1
+            return found
+
+        def end_commit(state):
+            taken = state.__dict__.pop('_bench_taken', None)
+            end(state)
+            if taken is not None:
+                timer.held += clock() - taken
+
+        shared.SharedState.begin_commit = begin_commit
+        shared.SharedState.end_commit = end_commit
+        for cls, name, _ in self.phase_methods():
+            self._time(cls, name)
+
+    @staticmethod
+    def phase_methods():
+        """``(class, method, label)`` of the steps timed inside the commit
+        lock (each a part of the time it is held)."""
+        from compositestorage import commit
+        from compositestorage import shared
+        return [(shared.SharedState, 'reserve_tid', 'reserve tid'),
+                (commit.Coordinator, 'tpc_vote', 'vote'),
+                (shared.SharedState, 'hold_finish', 'finish lock'),
+                (shared.TableJournal, 'write_intent', 'intent'),
+                (commit.Coordinator, '_finish_children', 'finish children'),
+                (shared.TableJournal, 'clear', 'clear intent')]
+
+    def _time(self, cls, name):
+        method = getattr(cls, name)
+        phases = self.phases
+        clock = time.perf_counter
+
+        def timed(*args, **kw):
+            t0 = clock()
+            try:
+                return method(*args, **kw)
+            finally:
+                phases[name] = phases.get(name, 0.0) + clock() - t0
+        setattr(cls, name, timed)
+
+    def reset(self):
+        self.wait = self.held = 0.0
+        self.count = 0
+        if not hasattr(self, 'phases'):
+            self.phases = {}
+        self.phases.clear()
+
+
+def serve_writer(kind, config_path, proc, txns):
+    """One writer process: open the storage from its configuration, load
+    its objects, say ``ready``, wait for ``go``, run ``txns`` small
+    transactions (``WRITER_MIX`` in turn), retrying each on a conflict,
+    and answer in JSON."""
+    import random
+    import transaction
+    import ZODB
+    import ZODB.config
+    from ZODB.interfaces import IMVCCStorage
+    from ZODB.POSException import ConflictError
+    with open(config_path) as f:
+        text = f.read()
+    timer = CommitLockTimer() if kind == 'pg-shared' else None
+    storage = ZODB.config.storageFromString(text)
+    db = ZODB.DB(storage)
+    tm = transaction.TransactionManager(explicit=True)
+    conn = db.open(tm)
+    tm.begin()
+    home = conn.root()[writer_home(proc)]
+    objs = list(home['objs'])
+    sources = list(home['sources'])
+    shared = list(conn.root()['shared'])
+    for o in objs + shared:
+        o.value
+    for s in sources:
+        s.value + s.ref.value
+    tm.abort()
+    sys.stdout.write('ready\n')
+    sys.stdout.flush()
+    if sys.stdin.readline().strip() != 'go':
+        return
+    if timer is not None:
+        timer.reset()
+    rng = random.Random(proc)
+    clock = time.perf_counter
+    latencies = []
+    retries = 0
+    kinds = dict.fromkeys(WRITER_MIX, 0)
+    start = clock()
+    for i in range(txns):
+        what = WRITER_MIX[i % len(WRITER_MIX)]
+        j = rng.randrange(len(objs))
+        s = sources[rng.randrange(len(sources))]
+        hot = (shared[rng.randrange(len(shared))]
+               if rng.random() < WRITER_SHARED_FRACTION else None)
+        t0 = clock()
+        for attempt in range(100):
+            tm.begin()
+            if what == 'one':       # two objects of one partition
+                objs[j].value += 1
+                objs[(j + 1) % len(objs)].value += 1
+            elif what == 'two':     # a source and its target: two partitions
+                s.value += 1
+                s.ref.value += 1
+            else:                   # a new object, referred to by an own one
+                objs[j].ref = PObject(i)
+            if hot is not None:
+                hot.value += 1
+            try:
+                tm.commit()
+                break
+            except ConflictError:
+                tm.abort()
+                retries += 1
+        else:
+            raise SystemExit('writer %d: transaction %d conflicted 100 times'
+                             % (proc, i))
+        latencies.append(clock() - t0)
+        kinds[what] += 1
+    seconds = clock() - start
+    latencies.sort()
+    answer = {'proc': proc, 'transactions': txns, 'seconds': seconds,
+              'retries': retries, 'kinds': kinds,
+              'p50_ms': _percentile(latencies, 0.50) * 1000,
+              'p99_ms': _percentile(latencies, 0.99) * 1000,
+              'imvcc': bool(IMVCCStorage.providedBy(storage))}
+    if timer is not None:
+        answer.update(lock_wait=timer.wait, lock_held=timer.held,
+                      lock_commits=timer.count, phases=dict(timer.phases))
+    conn.close()
+    db.close()
+    sys.stdout.write(json.dumps(answer) + '\n')
+    sys.stdout.flush()
+
+
+def run_writers(kind, procs, txns, timeout=600):
+    """``procs`` writer processes on ``kind``, made fresh: their databases,
+    their objects, their processes.  They start together once all have
+    opened the storage; the result is all their transactions over the
+    slowest one's seconds."""
+    backing = backends.Databases(kind)
+    directory = tempfile.mkdtemp(prefix='csbench-writers-')
+    workers = []
+    try:
+        config = os.path.join(directory, 'storage.conf')
+        text = backends.postgres_config(kind, directory, backing.names)
+        with open(config, 'w') as f:
+            f.write(text)
+        prefixes = make_writer_homes(text, procs)
+        for p in range(procs):
+            err = tempfile.TemporaryFile(mode='w+')
+            workers.append((subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), '--writer', kind,
+                 '--config', config, '--proc', str(p), '-n', str(txns)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                text=True, cwd=directory), err))
+
+        def read(proc, err, expected):
+            line = proc.stdout.readline()
+            if not line or (expected and line.strip() != expected):
+                proc.kill()
+                proc.wait()
+                err.seek(0)
+                raise WriterFailed(
+                    'writer process on %s %s (exit code %s)' % (
+                        kind, 'exited' if not line else
+                        'said %r' % line.strip(), proc.returncode),
+                    err.read())
+            return line
+        for proc, err in workers:
+            read(proc, err, 'ready')
+        for proc, _ in workers:
+            proc.stdin.write('go\n')
+            proc.stdin.flush()
+        answers = [json.loads(read(proc, err, None))
+                   for proc, err in workers]
+        for proc, _ in workers:
+            proc.wait(timeout)
+        seconds = max(a['seconds'] for a in answers)
+        total = sum(a['transactions'] for a in answers)
+        out = {'storage': kind, 'processes': procs, 'transactions': total,
+               'seconds': seconds, 'rate': total / seconds,
+               'retries': sum(a['retries'] for a in answers),
+               'p50_ms': statistics.median(a['p50_ms'] for a in answers),
+               'p99_ms': max(a['p99_ms'] for a in answers),
+               'imvcc': all(a['imvcc'] for a in answers),
+               'target_prefixes': prefixes,
+               'databases': list(backing.names),
+               'writers': answers}
+        if 'lock_held' in answers[0]:
+            # The share of the run's time the commit lock was held by one
+            # process or another (it is exclusive: at most 1.0).
+            out['lock_held'] = sum(a['lock_held'] for a in answers) / seconds
+            commits = sum(a['lock_commits'] for a in answers)
+            out['lock_wait_ms'] = (sum(a['lock_wait'] for a in answers)
+                                   / max(1, commits) * 1000)
+            out['lock_held_ms'] = (sum(a['lock_held'] for a in answers)
+                                   / max(1, commits) * 1000)
+            out['phases_ms'] = {
+                name: sum(a['phases'].get(name, 0.0) for a in answers)
+                / max(1, commits) * 1000
+                for _, name, _ in CommitLockTimer.phase_methods()}
+        return out
+    finally:
+        for proc, err in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            err.close()
+        backing.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class WriterFailed(Exception):
+    """A writer process failed; ``output`` is what it wrote to stderr."""
+
+    def __init__(self, message, output):
+        Exception.__init__(self, message)
+        self.output = output
+
+
+#: What PostgreSQL says when its connection slots are all taken (other
+#: users of a shared server): the run is then tried again, a little later.
+NO_SLOTS = 'too many clients'
+
+
+def run_writers_again(kind, procs, txns, attempts=5, pause=10):
+    """``run_writers``, tried again when the server had no connection
+    slot left for it; any other failure stops the benchmark."""
+    import psycopg2
+    for attempt in range(attempts):
+        try:
+            return run_writers(kind, procs, txns)
+        except (WriterFailed, psycopg2.OperationalError) as e:
+            text = getattr(e, 'output', '') + str(e)
+            if NO_SLOTS not in text or attempt == attempts - 1:
+                sys.stderr.write(getattr(e, 'output', ''))
+                raise SystemExit(str(e))
+            print('%s with %d process(es): the server had no connection '
+                  'left; again in %d s' % (kind, procs, pause),
+                  file=sys.stderr)
+            time.sleep(pause)
+
+
+def run_processes(counts, txns, rounds, storages=tuple(backends.WRITERS)):
+    """Every round: for each process count, every storage once, the order
+    of the storages turned by one each time (so that neither always runs
+    first).  Returns ``{count: [{storage: result} per round]}``."""
+    started = time.time()
+    out = {c: [] for c in counts}
+    turn = 0
+    for r in range(rounds):
+        for c in counts:
+            k = turn % len(storages)
+            turn += 1
+            order = storages[k:] + storages[:k]
+            out[c].append({kind: run_writers_again(kind, c, txns)
+                           for kind in order})
+            print('round %d/%d, %d process(es) done (%s), %.0f s elapsed'
+                  % (r + 1, rounds, c, ' '.join(order),
+                     time.time() - started), file=sys.stderr)
+    return out
+
+
+def summarize_processes(storages, per_count):
+    """Medians over rounds, per process count and storage; the ratio of
+    each storage to the reference (median of the per-round ratios) and
+    each storage's scaling (median rate at N processes over the median
+    at the fewest)."""
+    reference = storages[0]
+    counts = sorted(per_count)
+    summary = {'reference': reference, 'counts': counts, 'runs': {}}
+    for c in counts:
+        rounds = per_count[c]
+        entry = {}
+        for kind in storages:
+            rs = [r[kind] for r in rounds]
+            rates = [x['rate'] for x in rs]
+            e = {'rate': statistics.median(rates), 'rates': rates,
+                 'ratio': statistics.median(
+                     r[kind]['rate'] / r[reference]['rate'] for r in rounds),
+                 'retries': statistics.median(x['retries'] for x in rs),
+                 'p50_ms': statistics.median(x['p50_ms'] for x in rs),
+                 'p99_ms': statistics.median(x['p99_ms'] for x in rs)}
+            if 'lock_held' in rs[0]:
+                for key in ('lock_held', 'lock_wait_ms', 'lock_held_ms'):
+                    e[key] = statistics.median(x[key] for x in rs)
+                e['phases_ms'] = {name: statistics.median(
+                    x['phases_ms'][name] for x in rs)
+                    for name in rs[0]['phases_ms']}
+            entry[kind] = e
+        summary['runs'][c] = entry
+    base = counts[0]
+    for c in counts:
+        for kind in storages:
+            summary['runs'][c][kind]['scaling'] = (
+                summary['runs'][c][kind]['rate']
+                / summary['runs'][base][kind]['rate'])
+    return summary
+
+
+def format_processes(storages, summary, txns, nrounds):
+    reference = storages[0]
+    counts = summary['counts']
+    runs = summary['runs']
+    base = counts[0]
+    lines = [
+        'writer processes, each opening the storage itself: transactions '
+        'per second over all processes, median of %d round(s); %d '
+        'transactions per process (%s in turn, %d%% also change one of %d '
+        'shared objects; a conflict is retried); scaling = rate at N '
+        'processes / rate at %d' % (
+            nrounds, txns, '/'.join(WRITER_MIX),
+            round(WRITER_SHARED_FRACTION * 100), WRITER_SHARED, base), '']
+    head = ('%-10s%-11s%10s%8s%9s%9s%9s%10s%12s' % (
+        'processes', 'storage', 'txn/s', 'ratio', 'scaling', 'retries',
+        'p50 ms', 'p99 ms', 'lock held'))
+    lines += [head, '-' * len(head)]
+    for c in counts:
+        for kind in storages:
+            e = runs[c][kind]
+            held = ('%.0f%% %.1fms' % (e['lock_held'] * 100,
+                                      e['lock_held_ms'])
+                    if 'lock_held' in e else '')
+            lines.append('%-10d%-11s%10.1f%8.2f%9.2f%9g%9.2f%10.2f%12s' % (
+                c, kind, e['rate'], e['ratio'], e['scaling'], e['retries'],
+                e['p50_ms'], e['p99_ms'], held))
+    lines.append('')
+    for kind in storages[1:]:
+        lines.append('ratio %s/%s: ' % (kind, reference) + ', '.join(
+            '%d proc %.2f' % (c, runs[c][kind]['ratio']) for c in counts))
+    for kind in storages:
+        lines.append('scaling %s: ' % kind + ', '.join(
+            '%d proc %.2f' % (c, runs[c][kind]['scaling']) for c in counts))
+    if any('lock_held' in runs[c][k] for c in counts for k in storages):
+        lines.append('lock held = share of the run\'s time some process held '
+                     'the shared composite\'s commit lock (tpc_begin to the '
+                     'end of tpc_finish), and its mean per commit')
+        labels = [(name, label) for _, name, label
+                  in CommitLockTimer.phase_methods()]
+        for kind in storages:
+            for c in counts:
+                e = runs[c][kind]
+                if 'lock_held' not in e:
+                    continue
+                ph = e['phases_ms']
+                lines.append(
+                    '%s, %d proc, ms per commit: lock wait %.1f, held %.1f ='
+                    ' %s, other %.1f' % (
+                        kind, c, e['lock_wait_ms'], e['lock_held_ms'],
+                        ', '.join('%s %.1f' % (label, ph[name])
+                                  for name, label in labels),
+                        e['lock_held_ms'] - sum(ph.values())))
+    return '\n'.join(lines)
+
+
 def _parser():
     parser = argparse.ArgumentParser(
         description='Benchmark compositestorage against FileStorage and a '
@@ -840,11 +1313,14 @@ def _parser():
                     'FileStorage served by ZEO.',
         epilog='Workloads: %s. See the module docstring for what each '
                'storage does in each workload.' % ', '.join(WORKLOADS))
-    parser.add_argument('-n', type=int, default=20000,
-                        help='objects per bulk workload (default 20000)')
-    parser.add_argument('--rounds', type=int, default=5,
+    parser.add_argument('-n', type=int, default=None,
+                        help='objects per bulk workload (default 20000); '
+                             'with --processes, transactions per writer '
+                             'process (default %d)' % WRITER_TXNS)
+    parser.add_argument('--rounds', type=int, default=None,
                         help='rounds; each runs every storage once in a '
-                             'fresh process (default 5)')
+                             'fresh process (default 5; with --processes, '
+                             '3)')
     parser.add_argument('--repeat', type=int, default=2,
                         help='runs of the whole set of workloads in each '
                              'round; each storage keeps its quickest run of '
@@ -871,6 +1347,18 @@ def _parser():
                            'served by ZEO, and the same with round-robin '
                            'placement; each a runzeo process of its own on '
                            '127.0.0.1' % ','.join(MODES['zeo']))
+    mode.add_argument('--processes', default=None, metavar='P,P...',
+                      help='run many writer processes instead, one run '
+                           'per number given (e.g. 1,2,4): each process '
+                           'opens the storage itself from a configuration '
+                           'and runs -n small transactions (one-partition, '
+                           'two-partition and adds in turn) on objects of '
+                           'its own, retrying conflicts; plain RelStorage on '
+                           'one PostgreSQL database (pg, the reference) '
+                           'against a shared composite of two PostgreSQL '
+                           'children (pg-shared).  Reports transactions per '
+                           'second over all processes, the ratio to pg and '
+                           'the scaling from the fewest processes')
     parser.add_argument('--clients', default=None, metavar='C,C...',
                         help='with --zeo: the numbers of concurrent client '
                              'processes, one run each (default 1,4)')
@@ -898,7 +1386,51 @@ def _parser():
     parser.add_argument('--databases', help=argparse.SUPPRESS)
     parser.add_argument('--address', help=argparse.SUPPRESS)
     parser.add_argument('--client', type=int, help=argparse.SUPPRESS)
+    parser.add_argument('--writer', metavar='STORAGE', help=argparse.SUPPRESS)
+    parser.add_argument('--config', help=argparse.SUPPRESS)
+    parser.add_argument('--proc', type=int, help=argparse.SUPPRESS)
     return parser
+
+
+def _process_counts(parser, args):
+    try:
+        counts = [int(c) for c in args.processes.split(',') if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        parser.error('--processes takes numbers >= 1, e.g. 1,2,4')
+    return sorted(set(counts))
+
+
+def main_processes(parser, args):
+    """``--processes``: many writer processes on each storage."""
+    counts = _process_counts(parser, args)
+    if args.n < 1 or args.rounds < 1:
+        parser.error('need -n >= 1 and --rounds >= 1')
+    if args.storages or args.zconfig:
+        parser.error('--processes runs %s; no --storages or --zconfig'
+                     % ','.join(backends.WRITERS))
+    missing = backends.postgres_unavailable()
+    if missing:
+        raise SystemExit('bench.py: ' + missing.replace(
+            '--postgresql', '--processes'))
+    storages = list(backends.WRITERS)
+    started = time.time()
+    per_count = run_processes(counts, args.n, args.rounds, storages)
+    summary = summarize_processes(storages, per_count)
+    print(format_processes(storages, summary, args.n, args.rounds))
+    wall = time.time() - started
+    print('\nwall time %.1f s' % wall)
+    if args.json:
+        out = {'mode': 'processes', 'storages': storages,
+               'reference': storages[0], 'counts': counts,
+               'transactions_per_process': args.n, 'rounds': args.rounds,
+               'python': sys.version, 'wall_seconds': wall,
+               'summary': summary,
+               'raw': {str(c): per_count[c] for c in counts}}
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=1)
+    return 0
 
 
 def _storages(parser, args, mode):
@@ -956,8 +1488,18 @@ def run(storages, zconfigs, args, clients=1):
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = WRITER_TXNS if (args.processes or args.writer) else 20000
+    if args.rounds is None:
+        args.rounds = 3 if args.processes else 5
     if args.quick:
         args.n, args.rounds, args.repeat = 200, 1, 1
+
+    if args.writer:
+        serve_writer(args.writer, args.config, args.proc, args.n)
+        return 0
+    if args.processes is not None:
+        return main_processes(parser, args)
 
     if args.overlay:
         whole, overlaid, ratio = overlay_read_ratio(args.n)

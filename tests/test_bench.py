@@ -217,3 +217,66 @@ def test_zeo_served_composites_with_one_and_two_clients(tmp_path):
             addresses.add(raw[kind]['address'])
     assert len(addresses) == 8                 # a server per storage and run
     assert not any(_listens(a) for a in addresses)
+
+
+def test_writer_processes_against_plain_relstorage(tmp_path):
+    """``--processes 1,2`` runs one, then two writer processes, each
+    opening the storage itself, on plain RelStorage on PostgreSQL and on
+    a shared composite of two PostgreSQL children, and reports the
+    throughput, the ratio to plain RelStorage and the scaling; the
+    databases are dropped afterwards."""
+    import re
+    require_postgres()
+    out = tmp_path / 'out.json'
+    proc = subprocess.run(
+        [sys.executable, BENCH, '--processes', '1,2', '-n', '30',
+         '--rounds', '1', '--json', str(out)],
+        capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stdout = proc.stdout
+    data = json.loads(out.read_text())
+    assert data['mode'] == 'processes' and data['counts'] == [1, 2]
+    assert data['storages'] == ['pg', 'pg-shared']
+
+    def figures(line_start):
+        line = [x for x in stdout.splitlines() if x.startswith(line_start)]
+        assert len(line) == 1, (line_start, stdout)
+        found = dict((int(c), float(v)) for c, v in
+                     re.findall(r'(\d+) proc ([\d.]+)', line[0]))
+        assert set(found) == {1, 2}, line
+        return found
+    ratio = figures('ratio pg-shared/pg: ')
+    for kind in ('pg', 'pg-shared'):
+        scaling = figures('scaling %s: ' % kind)
+        assert scaling[1] == 1.0 and scaling[2] > 0
+    runs = data['summary']['runs']
+    for c in ('1', '2'):
+        assert ratio[int(c)] == pytest.approx(runs[c]['pg-shared']['ratio'],
+                                              abs=0.006)
+        assert ratio[int(c)] > 0
+        for kind in ('pg', 'pg-shared'):
+            e = runs[c][kind]
+            assert e['rate'] > 0 and 0 < e['p50_ms'] <= e['p99_ms']
+            assert e['retries'] >= 0
+            assert re.search(r'^%s\s+%s\s+%.1f\s' % (c, kind, e['rate']),
+                             stdout, re.M), stdout
+    names = []
+    for c in ('1', '2'):
+        (raw,) = data['raw'][c]
+        for kind in ('pg', 'pg-shared'):
+            r = raw[kind]
+            assert r['processes'] == int(c)
+            assert len(r['writers']) == int(c)
+            # each process ran its own 30 transactions, all three kinds
+            assert r['transactions'] == 30 * int(c)
+            for w in r['writers']:
+                assert w['kinds'] == {'one': 10, 'two': 10, 'add': 10}
+            assert r['imvcc']      # each process opened it as IMVCCStorage
+            names += r['databases']
+        shared = raw['pg-shared']
+        assert shared['target_prefixes'] == [1]   # two-partition commits
+        assert raw['pg']['target_prefixes'] == [0]
+        assert len(shared['databases']) == 2
+        assert shared['lock_held'] > 0     # its commit lock was measured
+    assert len(set(names)) == 6                  # fresh for every run
+    assert not any(_database_exists(name) for name in names)   # dropped
