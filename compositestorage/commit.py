@@ -97,6 +97,8 @@ class TransactionState:
         self.resolved = set()
         #: prefixes of children begun only for internal records
         self.internal_only = set()
+        #: the participants finished so far, in order
+        self.finished = []
 
     def finish_order(self):
         """``(parts, intent)``: the participants in the order they finish,
@@ -413,8 +415,29 @@ class Coordinator:
         try:
             with storage._finish_lock:
                 return self._finish(state, func)
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                self._abandon(state)
+            raise
         finally:
             self._end()
+
+    def _abandon(self, state):
+        """Leave the transaction as a process that died here would, after
+        an interruption (``KeyboardInterrupt``, ``SystemExit``) between
+        two finishes: the participants not finished are aborted (a
+        database server rolls back a dead client's transaction), and the
+        intent stays for recovery.  Left voted, they would keep their
+        commit locks, and the next commit, or the recovery of the intent
+        in this very process, would wait for them for ever."""
+        for prefix, part in state.begun.items():
+            if part in state.finished:
+                continue
+            try:
+                part.child.tpc_abort(state.child_txn[prefix])
+            except Exception:
+                logger.exception('partition %r failed in tpc_abort',
+                                 part.name)
 
     def _finish(self, state, func):
         """Finish every participant, then tell ZODB, then move the tid.
@@ -510,7 +533,7 @@ class Coordinator:
         the other and 0.54 ms from two threads), so it only added the cost
         of the threads.
         """
-        finished = []
+        finished = state.finished
         for part in parts:
             try:
                 part.storage.tpc_finish(state.child_txn[part.prefix])

@@ -252,27 +252,33 @@ class Died(BaseException):
 
 def test_a_writer_that_died_between_two_finishes_is_recovered_by_a_poll(
         config, storage):
+    from ZODB.Connection import TransactionMetaData
     db = ZODB.DB(storage)
     fill(db)
     where = oids(db)
     reader = storage.new_instance()
     reader.poll_invalidations()
     before = {name: reader.load(where[name]) for name in NAMES}
-    dead = open_config(config)
-    dead_db = ZODB.DB(dead)
+    dead = open_config(config).new_instance()
 
     def hook(name):
         if name == 'finished:b':
             raise Died()
 
+    txn = TransactionMetaData()
+    dead.tpc_begin(txn)
+    for name in ('b', 'c'):
+        data, serial = dead.load(where[name])
+        dead.store(where[name], serial, data, '', txn)
+    dead.tpc_vote(txn)
     faults.hook = hook
     try:
         with pytest.raises(Died):
-            move(dead_db, 'b', 'c')
+            dead.tpc_finish(txn)
     finally:
         faults.hook = None
     # its sessions end, as a killed process's do
-    dead_db.close()
+    dead._root.close()
     intent = storage.journal.read()
     assert intent is not None and intent.prefixes == (1, 2)
     try:
@@ -329,18 +335,25 @@ def test_oids_of_two_composites_never_meet(config, storage):
 
 
 def test_a_transaction_id_is_above_every_process_s(config, storage):
+    from ZODB.Connection import TransactionMetaData
     db = ZODB.DB(storage)
     fill(db)
+    mine = storage.new_instance()
     other = open_config(config)
     other_db = ZODB.DB(other)
     try:
         move(other_db, 'b', 'c')
+        # the root of the other brings its view up to date when asked
         last = other.lastTransaction()
-        # this process has not polled: its last tid is older
-        assert storage.lastTransaction() < last
-        move(db, 'main', 'b')
-        assert storage.lastTransaction() > last
+        # this instance has not polled since: its snapshot is older
+        assert mine.lastTransaction() < last
+        txn = TransactionMetaData()
+        mine.tpc_begin(txn)
+        mine.tpc_vote(txn)
+        tid = mine.tpc_finish(txn)
+        assert tid > last
     finally:
+        mine.release()
         other_db.close()
         db.close()
 
