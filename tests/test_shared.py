@@ -253,33 +253,13 @@ class Died(BaseException):
 
 def test_a_writer_that_died_between_two_finishes_is_recovered_by_a_poll(
         config, storage):
-    from ZODB.Connection import TransactionMetaData
     db = ZODB.DB(storage)
     fill(db)
     where = oids(db)
     reader = storage.new_instance()
     reader.poll_invalidations()
     before = {name: reader.load(where[name]) for name in NAMES}
-    dead = open_config(config).new_instance()
-
-    def hook(name):
-        if name == 'finished:b':
-            raise Died()
-
-    txn = TransactionMetaData()
-    dead.tpc_begin(txn)
-    for name in ('b', 'c'):
-        data, serial = dead.load(where[name])
-        dead.store(where[name], serial, data, '', txn)
-    dead.tpc_vote(txn)
-    faults.hook = hook
-    try:
-        with pytest.raises(Died):
-            dead.tpc_finish(txn)
-    finally:
-        faults.hook = None
-    # its sessions end, as a killed process's do
-    dead._root.close()
+    die_between_finishes(config, where)
     intent = storage.journal.read()
     assert intent is not None and intent.prefixes == (1, 2)
     try:
