@@ -168,7 +168,9 @@ def _find_own(storage, index, token):
                     token = p64(u64(oid) + 1)
                     continue
                 break
-            except (ValueError, KeyError, IndexError):
+            except (ValueError, KeyError, IndexError, StopIteration):
+                # no (more) records; RelStorage raises StopIteration for
+                # a child with none at all (never written)
                 break
             oid, tid, data, after = record
             if ordered and oid[0] > part.prefix:

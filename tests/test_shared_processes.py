@@ -498,3 +498,27 @@ def test_shared_value_must_be_auto_true_or_false(tmp_path):
     assert 'shared must be auto, true or false' in message
     assert "'maybe'" in message
 
+
+def test_verify_and_iterate_a_composite_never_written(tmp_path, capsys):
+    """A shared composite just opened, nothing committed: its children
+    hold no record, and RelStorage's ``record_iternext`` raises
+    StopIteration for them (not ValueError, as FileStorage does).
+    ``verify`` says it is healthy (it said "RuntimeError: generator raised
+    StopIteration"), and the composite's ``record_iternext`` ends with
+    ValueError, as for any empty storage (StopIteration escaped it)."""
+    with contextlib.ExitStack() as stack:
+        dbs = [stack.enter_context(postgres_database()) for _ in NAMES]
+        text = composite_config(
+            tmp_path, [(name, prefix, child_section('postgresql', db))
+                       for prefix, (name, db) in enumerate(zip(NAMES, dbs))],
+            primary_file=False, journal=False)
+        path = tmp_path / 'composite.conf'
+        path.write_text(text)
+        assert_verify_clean(str(path), capsys)
+        storage = open_config(text)
+        try:
+            assert storage._shared is not None
+            with pytest.raises(ValueError):
+                storage.record_iternext()
+        finally:
+            storage.close()
