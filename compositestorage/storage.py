@@ -494,6 +494,23 @@ class CompositeStorage(blobs.BlobMethods):
     def poll_invalidations(self):
         return mvcc.poll_invalidations(self)
 
+    @contextlib.contextmanager
+    def _now(self):
+        """The composite as of now, for what ZODB asks of ``DB.storage``
+        (``pack``, ``undoLog``, ``history``).  That is the root of a shared
+        composite, whose snapshot is the one it took when it opened: its
+        connections commit and read through instances of their own.  So the
+        root answers through a new instance (a new snapshot of every
+        child), released after; any other composite is itself."""
+        if self._shared is None or hasattr(self, '_root'):
+            yield self
+            return
+        instance = self.new_instance()
+        try:
+            yield instance
+        finally:
+            instance.release()
+
     def sync(self, force=True):
         if self._shared is not None:
             mvcc.sync(self, force)
@@ -654,6 +671,9 @@ class CompositeStorage(blobs.BlobMethods):
     def history(self, oid, size=1):
         """The child's history of ``oid``, without revisions the composite
         does not see yet."""
+        if self._shared is not None and not hasattr(self, '_root'):
+            with self._now() as instance:
+                return instance.history(oid, size)
         part = self._home(oid)
         overlay = self.overlay_of(oid)
         if overlay is not None:
@@ -771,10 +791,12 @@ class CompositeStorage(blobs.BlobMethods):
         return iteration.undo(self, transaction_id, transaction)
 
     def undoLog(self, first=0, last=-20, filter=None):
-        return iteration.undo_log(self, first, last, filter)
+        with self._now() as storage:
+            return iteration.undo_log(storage, first, last, filter)
 
     def undoInfo(self, first=0, last=-20, specification=None):
-        return iteration.undo_info(self, first, last, specification)
+        with self._now() as storage:
+            return iteration.undo_info(storage, first, last, specification)
 
     def iterator(self, start=None, stop=None):
         return iteration.CompositeIterator(self, start, stop)
@@ -803,8 +825,9 @@ class CompositeStorage(blobs.BlobMethods):
         """
         if self._read_only:
             raise POSException.ReadOnlyError()
-        self.last_pack = global_gc.pack(
-            self, t, self._pack_gc if gc is None else gc, progress)
+        with self._now() as storage:
+            self.last_pack = global_gc.pack(
+                storage, t, self._pack_gc if gc is None else gc, progress)
 
     def __repr__(self):
         return '<CompositeStorage %s>' % self.__name__

@@ -522,3 +522,53 @@ def test_verify_and_iterate_a_composite_never_written(tmp_path, capsys):
                 storage.record_iternext()
         finally:
             storage.close()
+
+
+def test_pack_undo_log_and_history_of_a_process_that_committed(composite,
+                                                               capsys):
+    """``DB.storage`` of a shared composite is its root, which ZODB asks
+    for ``pack``, ``undoLog`` and ``history``; the connections commit and
+    read through instances of their own.  What this process's connections
+    committed after it opened, and what another process committed, is
+    seen there: the pack keeps it (it deleted every object created since
+    the open), the undo log lists it and its history is there (they
+    showed the composite as of its open)."""
+    other = spawn('watch', composite, names=NAMES)
+    try:
+        assert json.loads(other.stdout.readline()) == {
+            name: START for name in NAMES}
+        with opened(composite) as (storage, db):
+            conn = db.open()
+            root = conn.root()
+            with placement(conn, 'c'):
+                new = PersistentMapping(v='new in c')
+                conn.add(new)
+            root['b']['child'] = new        # lives in c, referred from b
+            transaction.get().note('new in c')
+            transaction.commit()
+            oid = new._p_oid
+            # another process commits after this one did
+            other.stdin.write('commit main\nquit\n')
+            other.stdin.flush()
+            _, err = other.communicate(timeout=60)
+            assert other.returncode == 0, err
+            log = db.undoLog(0, 5)
+            assert len(log) >= 2
+            assert [e['description'] for e in log[1:2]] == ['new in c']
+            assert db.history(oid, 5)[0]['tid'] == new._p_serial
+            time.sleep(0.05)
+            db.pack(time.time())
+            assert storage.last_pack['c']['objects'] == 0
+            transaction.begin()
+            assert root['b']['child']['v'] == 'new in c'
+            conn.close()
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+    with opened(composite) as (storage, db):
+        conn = db.open()
+        assert conn.root()['b']['child']['v'] == 'new in c'
+        assert conn.root()['main']['touched'] == 1
+        conn.close()
+    assert_verify_clean(composite, capsys)
