@@ -27,6 +27,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import newTid
 from ZODB.utils import z64
 
+from compositestorage import mvcc
 from compositestorage.errors import CorruptStubError
 from compositestorage.errors import JournalError
 from compositestorage.errors import NotAtomicError
@@ -462,6 +463,8 @@ class Coordinator:
                 func(state.tid)
         finally:
             storage._ltid = state.tid
+            if storage._shared is not None:
+                mvcc.seen(storage, state.tid)
         return state.tid
 
     def _write_intent(self, state, parts, journal):

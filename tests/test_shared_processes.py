@@ -572,3 +572,31 @@ def test_pack_undo_log_and_history_of_a_process_that_committed(composite,
         assert conn.root()['main']['touched'] == 1
         conn.close()
     assert_verify_clean(composite, capsys)
+
+
+def test_last_transaction_and_historical_connections(composite):
+    """``DB.lastTransaction()`` asks the root, which no connection polls:
+    it keeps up with what this process's connections committed and saw,
+    as RelStorage's root does (it stayed at the tid of the open), and a
+    historical connection at a tid committed since the open is not taken
+    for one "in the future"."""
+    with opened(composite) as (storage, db):
+        at_open = db.lastTransaction()
+        conn = db.open()
+        root = conn.root()
+        root['c']['touched'] += 1
+        transaction.commit()
+        first = root['c']._p_serial
+        assert first > at_open
+        assert db.lastTransaction() == first
+        root['b']['touched'] += 1
+        transaction.commit()
+        second = root['b']._p_serial
+        assert db.lastTransaction() == second
+        past = db.open(before=second)
+        try:
+            assert past.root()['c']['touched'] == 1
+            assert past.root()['b']['touched'] == 0
+        finally:
+            past.close()
+        conn.close()
