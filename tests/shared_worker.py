@@ -25,7 +25,12 @@ final state tells exactly which transactions were applied, and where.
     ``crash_finished=K`` kills the process (SIGKILL, itself) after the
     first child's ``tpc_finish`` of the K-th transaction of several
     partitions: its intent stays in the primary's database for another
-    process to recover.
+    process to recover.  ``new_objects``: each transaction of several
+    partitions also makes a new object, in a partition chosen at random,
+    and the first counter it changes refers to it as ``last`` (the one
+    before is garbage); and a second new object, a link of the chain that
+    the second counter holds as ``chain`` (each link refers to the one
+    before: they all stay reachable).
 ``reader``
     Reads in a tight loop, a new transaction each time, checking the sum,
     until ``stop`` exists; prints the JSON line.
@@ -106,9 +111,13 @@ def mover(config_text, opts):
     import transaction
     from ZODB.POSException import ConflictError
 
+    from persistent.mapping import PersistentMapping
+    from compositestorage import placement
+
     names = opts['names']
     total = opts['total']
     tag = opts['tag']
+    new_objects = opts.get('new_objects')
     rng = random.Random(opts.get('seed'))
     log = Log(opts.get('log'))
     recoveries = RecoveryCounter()
@@ -144,6 +153,21 @@ def mover(config_text, opts):
             deltas = {chosen[0]: 2, chosen[1]: -1, chosen[2]: -1}
         seq += 1
         move = '%s.%d' % (tag, seq)
+        if new_objects and width > 1:
+            # a new object in any partition, that the first counter refers
+            # to (through a stub when it lives elsewhere); the one it
+            # referred to before is garbage
+            with placement(conn, rng.choice(names)):
+                last = PersistentMapping(move=move)
+                conn.add(last)
+            root[chosen[0]]['last'] = last
+            # and one that stays reachable: a link of a chain that the
+            # second counter holds
+            with placement(conn, rng.choice(names)):
+                link = PersistentMapping(move=move,
+                                         prev=root[chosen[1]].get('chain'))
+                conn.add(link)
+            root[chosen[1]]['chain'] = link
         for name, delta in deltas.items():
             counter = root[name]
             counter['value'] += delta

@@ -172,12 +172,18 @@ def final_counters(config):
         return state, storage.journal.read()
 
 
-def assert_verify_clean(config, capsys):
+def assert_verify_clean(config, capsys, garbage=False):
+    """``compositestorage verify`` finds no problem; with ``garbage``, it
+    may find garbage that the next pack removes (and nothing else)."""
     capsys.readouterr()
     code = cli_main(['verify', '--quiet', config])
     out, err = capsys.readouterr()
     assert code == 0, out + err
-    assert out.strip().endswith('ok'), out
+    last = out.strip().splitlines()[-1]
+    if garbage:
+        assert last == 'ok' or last.startswith('ok, with '), out
+    else:
+        assert last == 'ok', out
 
 
 def applied_moves(state):
@@ -221,7 +227,10 @@ def test_concurrent_writers_and_a_reader(composite, tmp_path, capsys,
             [r['conflicts'] for r in movers],
             [r['kinds'] for r in movers], read))
 
-    assert all(r['commits'] > 0 for r in movers), movers
+    # every writer took snapshots and tried; how many of its commits got
+    # through the conflicts is the machine's business
+    assert all(r['checks'] > 0 for r in movers), movers
+    assert sum(r['commits'] for r in movers) > 0, movers
     assert [r['violations'] for r in movers] == [0] * writers
     assert read['reads'] > 0 and read['violations'] == 0, read
 
@@ -237,7 +246,7 @@ def test_concurrent_writers_and_a_reader(composite, tmp_path, capsys,
     applied = applied_moves(state)
     assert len(applied) == sum(r['commits'] for r in movers)
     assert {m.split('.')[0] for m in applied} == {
-        'p%d' % i for i in range(writers)}
+        r['tag'] for r in movers if r['commits']}
     # transactions of two and three partitions both committed
     assert any(len(d) == 3 for d in applied.values())
     assert any(len(d) == 2 for d in applied.values())
@@ -600,3 +609,68 @@ def test_last_transaction_and_historical_connections(composite):
         finally:
             past.close()
         conn.close()
+
+
+def test_pack_while_other_processes_commit(composite, tmp_path, capsys):
+    """Two processes commit moves that make new objects in any partition,
+    referred to across partitions through stubs: one that leaves the one
+    before it as garbage, and a link of a chain that stays reachable,
+    while this process packs with garbage collection, twice.  Nothing
+    reachable goes (every link of the chains is there), no
+    stub that a commit refers through goes, the counters account for every
+    acknowledged move, and verify finds no dangling reference or missing
+    stub."""
+    go, stop = str(tmp_path / 'go'), str(tmp_path / 'stop')
+    common = dict(names=NAMES, total=TOTAL, go=go, stop=stop,
+                  new_objects=True)
+    procs = [spawn('mover', composite, tag='p%d' % i, seed=i, **common)
+             for i in range(2)]
+    for proc in procs:
+        expect_ready(proc)
+    open(go, 'w').close()
+    removed = []
+    try:
+        with opened(composite) as (storage, db):
+            for _ in range(2):
+                time.sleep(1.0)
+                db.pack(time.time())
+                removed.append(storage.last_pack)
+        time.sleep(0.5)
+    finally:
+        open(stop, 'w').close()
+    movers = [result(proc) for proc in procs]
+    say(capsys, 'pack while committing: commits %s, conflicts %s; '
+        'removed %s' % ([r['commits'] for r in movers],
+                        [r['conflicts'] for r in movers], removed))
+    assert [r['violations'] for r in movers] == [0, 0]
+    state, intent = final_counters(composite)
+    assert intent is None
+    check_counters(state)
+    applied = applied_moves(state)
+    assert len(applied) == sum(r['commits'] for r in movers)
+    for name in NAMES:
+        assert state[name][0] == START + sum(r['tally'][name]
+                                             for r in movers), name
+    # the objects the counters refer to are there, each the one made by
+    # an applied move; every link of the chains is there: one for each
+    # applied move of several partitions
+    links = []
+    with opened(composite) as (storage, db):
+        conn = db.open()
+        for name in NAMES:
+            counter = conn.root()[name]
+            if 'last' in counter:
+                assert counter['last']['move'] in applied, name
+            link = counter.get('chain')
+            while link is not None:
+                links.append(link['move'])
+                link = link['prev']
+        conn.close()
+    assert sorted(links) == sorted(
+        move for move, deltas in applied.items() if len(deltas) > 1)
+    # both packs swept every partition (what they removed is netted
+    # against what the commits added meanwhile: no count to check)
+    assert [sorted(r) for r in removed] == [sorted(NAMES)] * 2
+    # what the moves made garbage after the last pack stays until the next
+    assert_verify_clean(composite, capsys, garbage=True)
+
