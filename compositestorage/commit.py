@@ -253,6 +253,12 @@ class Coordinator:
         if found.intent is not None:
             self._storage.recover_shared()
         self.packs = found.packs_running
+        if shared.snapshot_packs_done not in (None, found.packs_done):
+            # A pack swept after the snapshot this transaction read (its
+            # loads, and the stubs ``committed_stub`` finds there): a stub
+            # found there may be gone.  Write them all again, as while a
+            # pack runs.
+            self.packs = max(self.packs, 1)
         if self.packs_done != found.packs_done:
             if self.packs_done is not None:
                 # a pack swept stubs this process may have cached

@@ -674,3 +674,39 @@ def test_pack_while_other_processes_commit(composite, tmp_path, capsys):
     # what the moves made garbage after the last pack stays until the next
     assert_verify_clean(composite, capsys, garbage=True)
 
+
+def test_a_commit_after_a_pack_swept_a_stub_its_snapshot_has(composite,
+                                                            capsys):
+    """A stub that no record refers to any more (an orphan) is swept by a
+    pack of another process while a transaction is under way; that
+    transaction then refers through it again.  Its snapshot, taken before
+    the sweep, still holds the stub, but the child no longer does: the
+    commit writes it again (it took the stub as there, and the child was
+    left referring to a missing stub)."""
+    with opened(composite) as (storage, db):
+        conn = db.open()
+        root = conn.root()
+        with placement(conn, 'c'):
+            holder = PersistentMapping(target=root['b'])   # stub in c
+            conn.add(holder)
+        root['holder'] = holder
+        transaction.commit()
+        del holder['target']                # the stub in c is an orphan
+        transaction.commit()
+        # a transaction under way: its snapshot holds the stub
+        transaction.begin()
+        b_counter = root['b']
+        with opened(composite) as (other, other_db):
+            time.sleep(0.05)
+            other_db.pack(time.time())      # sweeps the orphan stub
+        with placement(conn, 'c'):
+            again = PersistentMapping(target=b_counter)
+            conn.add(again)
+        root['again'] = again
+        transaction.commit()
+        conn.close()
+    with opened(composite) as (storage, db):
+        conn = db.open()
+        assert conn.root()['again']['target'] is not None
+        conn.close()
+    assert_verify_clean(composite, capsys)
