@@ -151,7 +151,7 @@ class CompositeStorage(blobs.BlobMethods):
                 self._check_maps()
             self._declare_interfaces()
             if self._shared is not None:
-                mvcc.poll(self)
+                mvcc.poll(self, opening=True)
         except BaseException:
             self._release_writer_lock()
             raise

@@ -471,3 +471,35 @@ def test_a_read_only_composite_waits_for_a_writer_to_recover(
     finally:
         read_only.close()
         db.close()
+
+
+def test_the_recover_command_on_a_shared_composite(config, storage, tmp_path,
+                                                   capsys):
+    """``recover --dry-run`` reads a dead writer's intent from the
+    primary's database without waiting for a writer; ``recover`` takes
+    the transaction back; ``info`` names where the journal is."""
+    from compositestorage.cli import main as cli_main
+    db = ZODB.DB(storage)
+    fill(db)
+    where = oids(db)
+    db.close()
+    path = tmp_path / 'shared.conf'
+    path.write_text(config)
+    die_between_finishes(config, where)
+
+    def run(*args):
+        capsys.readouterr()
+        code = cli_main([str(a) for a in args])
+        return code, capsys.readouterr().out
+
+    code, out = run('recover', '--dry-run', path)
+    assert code == 0
+    assert 'table compositestorage_state' in out
+    assert 'over b, c: to be rolled back in b' in out, out
+    assert 'dry run' in out
+    code, out = run('recover', path)
+    assert code == 0 and 'over b, c: rolled back in b' in out, out
+    code, out = run('recover', path)
+    assert code == 0 and 'nothing to recover' in out
+    code, out = run('verify', '--strict', '-q', path)
+    assert (code, out.splitlines()[-1]) == (0, 'ok'), out
