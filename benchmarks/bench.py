@@ -968,8 +968,7 @@ class CommitLockTimer:
         lock (each a part of the time it is held)."""
         from compositestorage import commit
         from compositestorage import shared
-        return [(shared.SharedState, 'reserve_tid', 'reserve tid'),
-                (commit.Coordinator, 'tpc_vote', 'vote'),
+        return [(commit.Coordinator, 'tpc_vote', 'vote'),
                 (shared.SharedState, 'hold_finish', 'finish lock'),
                 (shared.TableJournal, 'write_intent', 'intent'),
                 (commit.Coordinator, '_finish_children', 'finish children'),
