@@ -19,9 +19,12 @@ earlier one (DESIGN.md, invariant 6).
 FileStorage, MappingStorage and ZEO children cannot be shared by
 processes: a composite with one of them keeps one coordinator process.
 """
+import itertools
 import threading
+import time
 
 from compositestorage.errors import ConfigurationError
+from compositestorage.errors import RecoveryError
 from compositestorage.partition import MAP_SUFFIX
 from compositestorage.partition import Partition
 from compositestorage.shared import SharedState
@@ -33,6 +36,8 @@ SUPPORTED = ('every partition a RelStorage on PostgreSQL (history-preserving'
 
 #: How often a poll recovers a dead process's intent before it gives up.
 POLL_ATTEMPTS = 5
+#: Seconds between two looks of a read-only poll at such an intent.
+WAIT = 0.1
 
 
 def shareable(part):
@@ -140,19 +145,38 @@ def poll(storage):
 
     ``None`` when a child can no longer tell (ZODB then drops its whole
     cache).  The snapshot is taken while no commit is finishing.  An
-    intent found then was left by a process that died: a writable
-    composite recovers it first; a read-only one hides its tid.
+    intent found then was left by a process that died, and some children
+    may hold its transaction: a writable composite recovers it before it
+    polls; a read-only one waits for a writer to (it must not poll past
+    it: RelStorage would cache records that recovery then takes back).
     """
     shared = storage._shared
-    for attempt in range(POLL_ATTEMPTS):
+    waited = 0.0
+    for attempt in itertools.count():
         with shared.snapshot() as intent:
-            if intent is None or storage._read_only or \
-                    attempt == POLL_ATTEMPTS - 1:
-                return _poll_children(storage, intent)
-        storage.recover_shared()
+            if intent is None:
+                return _poll_children(storage)
+        if not storage._read_only and attempt < POLL_ATTEMPTS:
+            storage.recover_shared()
+            continue
+        if storage._read_only and waited < shared.timeout:
+            time.sleep(WAIT)
+            waited += WAIT
+            continue
+        raise RecoveryError(
+            'transaction %s over partitions %s was left unfinished by a '
+            'process that died, and %s; open the composite for writing, '
+            'or run "compositestorage recover", to recover it' % (
+                intent.tid.hex(), ', '.join(
+                    storage._by_prefix[prefix].name
+                    if prefix in storage._by_prefix else str(prefix)
+                    for prefix in intent.prefixes),
+                'no writer recovered it within %s s' % shared.timeout
+                if storage._read_only else
+                'it came back after %d recoveries' % POLL_ATTEMPTS))
 
 
-def _poll_children(storage, intent):
+def _poll_children(storage):
     changed = {}
     last = None
     for p in storage.partitions:
@@ -167,11 +191,8 @@ def _poll_children(storage, intent):
         tid = p.storage.lastTransaction()
         last = tid if last is None else max(last, tid)
     with storage._finish_lock:
-        if intent is not None and last >= intent.tid:
-            storage.hide_from(intent.tid)
-        else:
-            storage._ltid = last
-            storage.advance_visible(last)
+        storage._ltid = last
+        storage.advance_visible(last)
     return changed
 
 

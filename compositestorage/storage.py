@@ -473,14 +473,6 @@ class CompositeStorage(blobs.BlobMethods):
         """The tid a ``loadBefore`` for the visible state asks with."""
         return self._visible_limit
 
-    def hide_from(self, tid):
-        """See nothing from ``tid`` on: a read-only composite's poll found
-        it in a dead process's intent, which only a writer recovers."""
-        before = p64(u64(tid) - 1)
-        self._ltid = min(self._ltid, before) if self._ltid else before
-        self._visible_tid = before
-        self._visible_limit = tid
-
     def lastTransaction(self):
         self._current_view()
         with self._finish_lock:

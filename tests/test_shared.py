@@ -20,6 +20,7 @@ from compositestorage import faults
 from compositestorage import placement
 from compositestorage.errors import CommitLockTimeout
 from compositestorage.errors import ConfigurationError
+from compositestorage.errors import RecoveryError
 from compositestorage.shared import LOCK_CLASS
 
 from relstorage_engines import child_section
@@ -252,33 +253,13 @@ class Died(BaseException):
 
 def test_a_writer_that_died_between_two_finishes_is_recovered_by_a_poll(
         config, storage):
-    from ZODB.Connection import TransactionMetaData
     db = ZODB.DB(storage)
     fill(db)
     where = oids(db)
     reader = storage.new_instance()
     reader.poll_invalidations()
     before = {name: reader.load(where[name]) for name in NAMES}
-    dead = open_config(config).new_instance()
-
-    def hook(name):
-        if name == 'finished:b':
-            raise Died()
-
-    txn = TransactionMetaData()
-    dead.tpc_begin(txn)
-    for name in ('b', 'c'):
-        data, serial = dead.load(where[name])
-        dead.store(where[name], serial, data, '', txn)
-    dead.tpc_vote(txn)
-    faults.hook = hook
-    try:
-        with pytest.raises(Died):
-            dead.tpc_finish(txn)
-    finally:
-        faults.hook = None
-    # its sessions end, as a killed process's do
-    dead._root.close()
+    die_between_finishes(config, where)
     intent = storage.journal.read()
     assert intent is not None and intent.prefixes == (1, 2)
     try:
@@ -420,3 +401,73 @@ def test_a_zeo_server_is_refused(storage):
     from ZEO.StorageServer import StorageServerDB
     with pytest.raises(ConfigurationError, match='shared false'):
         storage.registerDB(StorageServerDB(None, '1'))
+
+
+def die_between_finishes(config, where):
+    """A writer of another composite dies between the finishes of b and
+    c, in a transaction over both; its sessions end with it."""
+    from ZODB.Connection import TransactionMetaData
+    dead = open_config(config).new_instance()
+
+    def hook(name):
+        if name == 'finished:b':
+            raise Died()
+
+    txn = TransactionMetaData()
+    dead.tpc_begin(txn)
+    for name in ('b', 'c'):
+        data, serial = dead.load(where[name])
+        dead.store(where[name], serial, data, '', txn)
+    dead.tpc_vote(txn)
+    faults.hook = hook
+    try:
+        with pytest.raises(Died):
+            dead.tpc_finish(txn)
+    finally:
+        faults.hook = None
+    dead._root.close()
+
+
+def test_a_read_only_composite_waits_for_a_writer_to_recover(
+        config, storage):
+    """A read-only composite cannot recover what a dead writer left, and
+    must not take a snapshot past it (RelStorage would cache what
+    recovery takes back): its poll waits for a writer, then sees the
+    state after, or says what to do."""
+    db = ZODB.DB(storage)
+    fill(db)
+    where = oids(db)
+    reader = storage.new_instance()
+    before = {name: reader.load(where[name]) for name in NAMES}
+    reader.release()
+    read_only = open_config(config.replace(
+        'placement default\n', 'placement default\nread-only true\n'))
+    read_only._shared.timeout = 0.5
+    try:
+        assert IMVCCStorage.providedBy(read_only)
+        die_between_finishes(config, where)
+        intent = storage.journal.read()
+        assert intent is not None
+        with pytest.raises(RecoveryError) as exc:
+            read_only.new_instance()
+        message = str(exc.value)
+        assert intent.tid.hex() in message and 'b, c' in message
+        assert 'open the composite for writing' in message
+        assert storage.journal.read() == intent     # not recovered by it
+        # a writer recovers it meanwhile: the poll goes on, past it
+        read_only._shared.timeout = 30
+        recovering = threading.Timer(0.3, storage.poll_invalidations)
+        recovering.start()
+        mine = read_only.new_instance()
+        recovering.join()
+        assert storage.journal.read() is None
+        assert {name: mine.load(where[name]) for name in NAMES} == before
+        mine.release()
+        move(db, 'b', 'c')
+        mine = read_only.new_instance()
+        assert mine.load(where['b'])[1] == mine.load(where['c'])[1] \
+            > before['b'][1]
+        mine.release()
+    finally:
+        read_only.close()
+        db.close()
