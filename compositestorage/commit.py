@@ -27,6 +27,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import newTid
 from ZODB.utils import z64
 
+from compositestorage import mvcc
 from compositestorage.errors import CorruptStubError
 from compositestorage.errors import JournalError
 from compositestorage.errors import NotAtomicError
@@ -253,6 +254,12 @@ class Coordinator:
         if found.intent is not None:
             self._storage.recover_shared()
         self.packs = found.packs_running
+        if shared.snapshot_packs_done not in (None, found.packs_done):
+            # A pack swept after the snapshot this transaction read (its
+            # loads, and the stubs ``committed_stub`` finds there): a stub
+            # found there may be gone.  Write them all again, as while a
+            # pack runs.
+            self.packs = max(self.packs, 1)
         if self.packs_done != found.packs_done:
             if self.packs_done is not None:
                 # a pack swept stubs this process may have cached
@@ -485,6 +492,8 @@ class Coordinator:
                 func(state.tid)
         finally:
             storage._ltid = state.tid
+            if storage._shared is not None:
+                mvcc.seen(storage, state.tid)
         return state.tid
 
     def _write_intent(self, state, parts, journal):

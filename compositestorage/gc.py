@@ -94,6 +94,13 @@ def pack(storage, t, gc=True, progress=None):
             part.child.pack_without_gc(t)
         return _removed(storage, before)
     with storage._coordinator.packing():
+        if storage._shared is not None:
+            # A new snapshot, taken now that every commit begun before the
+            # pack has finished (``packing`` waited for them): they decided
+            # on their stubs without it, so the mark must see them.  Those
+            # that begin later write their stubs again.
+            from compositestorage import mvcc
+            mvcc.sync(storage)
         keep = mark(storage, pack_tid(t), progress)
         if storage.journal is not None:
             # the sweep may drop a child's part of a transaction before t

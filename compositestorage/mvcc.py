@@ -193,7 +193,21 @@ def _poll_children(storage):
     with storage._finish_lock:
         storage._ltid = last
         storage.advance_visible(last)
+    seen(storage, last)
     return changed
+
+
+def seen(storage, tid):
+    """An instance of ``storage``'s root saw ``tid`` whole (it polled or
+    committed it): the root's ``lastTransaction()``, which ZODB's
+    ``DB.lastTransaction()`` asks and no connection polls, keeps up with
+    its instances', as RelStorage's root does."""
+    root = getattr(storage, '_root', None)
+    if root is None or tid is None:
+        return
+    with root._finish_lock:
+        if tid > root._ltid:
+            root._ltid = tid
 
 
 def sync(storage, force=True):

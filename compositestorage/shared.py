@@ -110,6 +110,9 @@ class SharedState:
         self._cursor = None
         self.holds_commit = False
         self.holds_finish = False
+        #: how many packs had swept, in any process, when the last
+        #: snapshot was taken (see ``Coordinator._begin_shared``)
+        self.snapshot_packs_done = None
 
     # --- the session --------------------------------------------------------
 
@@ -270,10 +273,11 @@ class SharedState:
         its intent to after it clears it)."""
         rows = self._run(
             'SELECT pg_advisory_lock_shared(%d, %d); '
-            'SELECT intent_tid, intent_prefixes FROM %s WHERE id = 0' % (
-                LOCK_CLASS, FINISH_LOCK, STATE), fetch=True)
+            'SELECT intent_tid, intent_prefixes, packs_done FROM %s '
+            'WHERE id = 0' % (LOCK_CLASS, FINISH_LOCK, STATE), fetch=True)
+        tid, prefixes, self.snapshot_packs_done = rows[0]
         try:
-            yield _intent(*rows[0])
+            yield _intent(tid, prefixes)
         finally:
             if self._conn is not None:
                 self._run('SELECT pg_advisory_unlock_shared(%d, %d)' % (

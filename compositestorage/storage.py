@@ -474,7 +474,6 @@ class CompositeStorage(blobs.BlobMethods):
         return self._visible_limit
 
     def lastTransaction(self):
-        self._current_view()
         with self._finish_lock:
             return self._ltid
 
@@ -482,10 +481,11 @@ class CompositeStorage(blobs.BlobMethods):
         """Bring a shared composite's own snapshot up to date first.
 
         ``IMVCCStorage`` has the storage that ZODB.DB holds (not the
-        instances its connections use) answer ``lastTransaction``,
-        ``undoLog``, ``iterator`` and the like from the current state of
-        the database; its snapshot moves nowhere else.  An instance keeps
-        the snapshot of its last poll."""
+        instances its connections use) answer ``undoLog``, ``iterator``,
+        ``history``, ``pack`` and the like from the current state of the
+        database; its snapshot moves nowhere else (its
+        ``lastTransaction`` follows its instances': ``mvcc.seen``).  An
+        instance keeps the snapshot of its last poll."""
         if self._shared is not None and '_root' not in self.__dict__ \
                 and self._coordinator.state is None:
             mvcc.sync(self)
@@ -680,6 +680,7 @@ class CompositeStorage(blobs.BlobMethods):
     def history(self, oid, size=1):
         """The child's history of ``oid``, without revisions the composite
         does not see yet."""
+        self._current_view()
         part = self._home(oid)
         overlay = self.overlay_of(oid)
         if overlay is not None:
@@ -834,9 +835,6 @@ class CompositeStorage(blobs.BlobMethods):
         """
         if self._read_only:
             raise POSException.ReadOnlyError()
-        if self._shared is not None:
-            # the mark starts from what every process has committed
-            self.sync()
         self.last_pack = global_gc.pack(
             self, t, self._pack_gc if gc is None else gc, progress)
 

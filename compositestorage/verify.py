@@ -116,7 +116,9 @@ def current_records(storage, skips_deleted=None):
     while True:
         try:
             oid, tid, data, token = storage.record_iternext(token)
-        except ValueError:      # empty storage, or no key at/after token
+        except (ValueError, StopIteration):
+            # an empty storage, or no key at/after token (RelStorage
+            # raises StopIteration for an empty one)
             return
         except POSKeyError as e:
             # FileStorage raises for an oid whose current record has no
