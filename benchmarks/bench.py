@@ -942,9 +942,9 @@ class CommitLockTimer:
         timer = self
         clock = time.perf_counter
 
-        def begin_commit(state):
+        def begin_commit(state, *args, **kw):
             t0 = clock()
-            found = begin(state)
+            found = begin(state, *args, **kw)
             t1 = clock()
             timer.wait += t1 - t0
             timer.count += 1
