@@ -942,9 +942,9 @@ class CommitLockTimer:
         timer = self
         clock = time.perf_counter
 
-        def begin_commit(state):
+        def begin_commit(state, *args, **kw):
             t0 = clock()
-            found = begin(state)
+            found = begin(state, *args, **kw)
             t1 = clock()
             timer.wait += t1 - t0
             timer.count += 1
@@ -968,8 +968,7 @@ class CommitLockTimer:
         lock (each a part of the time it is held)."""
         from compositestorage import commit
         from compositestorage import shared
-        return [(shared.SharedState, 'reserve_tid', 'reserve tid'),
-                (commit.Coordinator, 'tpc_vote', 'vote'),
+        return [(commit.Coordinator, 'tpc_vote', 'vote'),
                 (shared.SharedState, 'hold_finish', 'finish lock'),
                 (shared.TableJournal, 'write_intent', 'intent'),
                 (commit.Coordinator, '_finish_children', 'finish children'),

@@ -226,11 +226,9 @@ class Coordinator:
         try:
             floor = max(storage._ltid, self.tid_floor)
             if shared is not None:
-                floor = max(floor, self._begin_shared(shared))
-            if tid is None:
+                tid = self._begin_shared(shared, newTid(floor), tid)
+            elif tid is None:
                 tid = newTid(floor)
-            if shared is not None:
-                shared.reserve_tid(tid)
             state = TransactionState(transaction, tid, status)
             with self._lock:
                 self.state = state
@@ -242,16 +240,17 @@ class Coordinator:
                 self._commit_lock.release()
             raise
 
-    def _begin_shared(self, shared):
-        """Take the commit lock every process takes; the last tid any
-        process chose.
+    def _begin_shared(self, shared, proposed, given):
+        """Take the commit lock every process takes; the tid, chosen above
+        the last one any process chose (``proposed`` if it is), or
+        ``given``.
 
         An intent found under it was left by a process that died (a live
         one clears its intent before it lets go): it is recovered first.
         A pack that ran or runs in any process is noted for
         ``write_stubs``.
         """
-        found = shared.begin_commit()
+        found = shared.begin_commit(None if given else proposed, given)
         if found.intent is not None:
             self._storage.recover_shared()
         self.packs = found.packs_running
@@ -267,7 +266,7 @@ class Coordinator:
                 for part in self._storage.partitions:
                     part.stubs.clear()
             self.packs_done = found.packs_done
-        return found.last_tid
+        return found.tid
 
     def current(self, transaction):
         """The state of ``transaction``, which must be the one begun."""
@@ -459,9 +458,10 @@ class Coordinator:
         storage = self._storage
         parts, named = state.finish_order()
         journal = storage.journal if len(parts) > 1 else None
-        if storage._shared is not None:
+        if storage._shared is not None and journal is None:
             # no poll of any process takes a snapshot until every
-            # participant has finished (let go of in ``_end``)
+            # participant has finished (let go of in ``_end``); with an
+            # intent, writing it takes this lock
             storage._shared.hold_finish()
         if journal is not None:
             self._write_intent(state, named, journal)
@@ -543,8 +543,14 @@ class Coordinator:
         of the threads.
         """
         finished = state.finished
+        shared = self._storage._shared
+        unflushed = parts[:-1] if shared is not None and \
+            shared.same_cluster else ()
         for part in parts:
             try:
+                if part in unflushed:
+                    # the last participant's commit flushes this one's
+                    part.child.commit_without_flush()
                 part.storage.tpc_finish(state.child_txn[part.prefix])
             except Exception as e:
                 logger.critical('partition %r failed in tpc_finish of %s',

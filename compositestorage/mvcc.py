@@ -85,6 +85,14 @@ def shared_state(primary):
                        child.commit_lock_timeout)
 
 
+def one_cluster(partitions):
+    """Whether every child's database is in one PostgreSQL cluster, whose
+    one log makes a commit durable with every commit before it (see
+    ``SharedState.same_cluster``)."""
+    ids = {p.child.cluster_id() for p in partitions}
+    return len(ids) == 1 and None not in ids
+
+
 class InstancePartition(Partition):
     """A partition as one instance sees it: its own child instance, the
     allocator and the stub cache of the partition it was made from."""
@@ -117,6 +125,7 @@ def new_instance(root):
     inst._wrap_resolvers()
     inst._shared = SharedState(root._shared._connect, root._shared.where,
                                root._shared.timeout)
+    inst._shared.same_cluster = root._shared.same_cluster
     inst.journal = TableJournal(inst._shared)
     inst._finish_lock = threading.RLock()
     inst._writer_lock = None

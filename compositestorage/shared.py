@@ -173,23 +173,54 @@ class SharedState:
 
     # --- the commit lock ----------------------------------------------------
 
-    def begin_commit(self):
-        """Take the commit lock; returns the :class:`CommitState`."""
-        rows = self._run(
-            'SELECT pg_advisory_lock(%d, %d); '
-            'SELECT last_tid, intent_tid, intent_prefixes, packs_running, '
-            'packs_done FROM %s WHERE id = 0' % (
-                LOCK_CLASS, COMMIT_LOCK, STATE), fetch=True)
-        self.holds_commit = True
-        last, tid, prefixes, running, done = rows[0]
-        return CommitState(p64(last), _intent(tid, prefixes), running, done)
+    def begin_commit(self, proposed=None, given=None):
+        """Take the commit lock; returns the :class:`CommitState`.
 
-    def reserve_tid(self, tid):
-        """Record ``tid`` as chosen, before any child is begun with it: a
-        later transaction of any process chooses above it, whether this one
-        commits or not."""
-        self._run('UPDATE %s SET last_tid = %%s WHERE id = 0 AND '
-                  'last_tid < %%s' % STATE, (u64(tid), u64(tid)))
+        With ``proposed``, a tid also chosen and recorded, in the same
+        statement: ``proposed`` if it is above the last tid any process
+        chose, else that one plus one.  With ``given`` (a caller's tid, as
+        ``restore`` and copying pass) that tid, recorded if it is higher.
+        Either way it is recorded before any child is begun with it, so a
+        later transaction of any process chooses above it, whether this
+        one commits or not (``CommitState.tid``).
+        """
+        lock = 'SELECT pg_advisory_lock(%d, %d); ' % (LOCK_CLASS, COMMIT_LOCK)
+        if proposed is None and given is None:
+            rows = self._run(
+                lock + 'SELECT last_tid, last_tid, intent_tid, '
+                'intent_prefixes, packs_running, packs_done FROM %s WHERE '
+                'id = 0' % STATE, fetch=True)
+        else:
+            if given is not None:
+                chosen = 'GREATEST(old.last_tid, %s)'
+                params = (u64(given),)
+            else:
+                chosen = 'GREATEST(old.last_tid + 1, %s)'
+                params = (u64(proposed),)
+            rows = self._run(
+                lock + self._not_flushed() +
+                'UPDATE %s new SET last_tid = %s FROM %s old WHERE new.id = 0'
+                ' AND old.id = 0 RETURNING old.last_tid, new.last_tid, '
+                'new.intent_tid, new.intent_prefixes, new.packs_running, '
+                'new.packs_done' % (STATE, chosen, STATE), params,
+                fetch=True)
+        self.holds_commit = True
+        last, chosen, tid, prefixes, running, done = rows[0]
+        found = CommitState(p64(last), _intent(tid, prefixes), running, done)
+        found.tid = given if given is not None else p64(chosen)
+        return found
+
+    #: Whether the primary's database and every child's are in one
+    #: PostgreSQL cluster, which writes one log (set by the composite):
+    #: then a commit flushed to disk has flushed every commit before it,
+    #: in any of those databases.
+    same_cluster = False
+
+    def _not_flushed(self):
+        """Where the log is one, a write that the next flushed commit
+        makes durable need not wait for the disk itself."""
+        return ('SET LOCAL synchronous_commit TO OFF; '
+                if self.same_cluster else '')
 
     def end_commit(self):
         """Let go of the finish lock, if held, and of the commit lock."""
@@ -214,11 +245,17 @@ class SharedState:
 
     # --- the finish lock ----------------------------------------------------
 
-    def hold_finish(self):
+    def hold_finish(self, then=None, params=None):
         """Take the finish lock exclusively: no poll takes a snapshot until
-        :meth:`release_finish`."""
-        self._run('SELECT pg_advisory_lock(%d, %d)' % (LOCK_CLASS,
-                                                       FINISH_LOCK))
+        :meth:`release_finish`.  ``then``, SQL run after it in the same
+        transaction (the journal's intent)."""
+        sql = 'SELECT pg_advisory_lock(%d, %d)' % (LOCK_CLASS, FINISH_LOCK)
+        if self.holds_finish:
+            sql = ''
+        if then:
+            sql = sql + '; ' + then if sql else then
+        if sql:
+            self._run(sql, params)
         self.holds_finish = True
 
     def release_finish(self):
@@ -311,25 +348,40 @@ class TableJournal:
         return _intent(*rows[0])
 
     def write_intent(self, intent):
-        """Commit ``intent``: durable once PostgreSQL acknowledges it."""
+        """Take the finish lock, and commit ``intent`` in the same
+        statement.  It is durable once PostgreSQL acknowledges it, or,
+        where every child's database is in the primary's cluster, once
+        the first child's commit is (see ``same_cluster``): that cannot
+        reach the disk before it."""
+        shared = self.shared
         try:
-            self._run('UPDATE %s SET intent_tid = %%s, intent_prefixes = %%s'
-                      ' WHERE id = 0' % STATE,
-                      (u64(intent.tid), bytes(intent.prefixes)))
+            shared.hold_finish(
+                shared._not_flushed() +
+                'UPDATE %s SET intent_tid = %%s, intent_prefixes = %%s '
+                'WHERE id = 0' % STATE,
+                (u64(intent.tid), bytes(intent.prefixes)))
         except Exception as e:
             raise JournalError('could not write the intent of %s to %s: %s'
                                % (intent.tid.hex(), self.path, e)) from e
 
     def clear(self, finished=None):
-        if finished is None:
-            self._run('UPDATE %s SET intent_tid = NULL, intent_prefixes = '
-                      'NULL WHERE id = 0' % STATE)
-        else:
-            self._run('UPDATE %s SET intent_tid = NULL, intent_prefixes = '
-                      'NULL, finished_tid = %%s WHERE id = 0' % STATE,
-                      (u64(finished),))
+        """Forget the intent, without waiting for the disk: an intent that
+        a crash brings back names a transaction every participant holds,
+        which recovery finds complete (as a file journal's clear, which
+        is not synced either)."""
+        self._clear('SET LOCAL synchronous_commit TO OFF; ', finished)
 
-    clear_durably = clear
+    def clear_durably(self):
+        self._clear('', None)
+
+    def _clear(self, head, finished):
+        if finished is None:
+            self._run(head + 'UPDATE %s SET intent_tid = NULL, '
+                      'intent_prefixes = NULL WHERE id = 0' % STATE)
+        else:
+            self._run(head + 'UPDATE %s SET intent_tid = NULL, '
+                      'intent_prefixes = NULL, finished_tid = %%s WHERE '
+                      'id = 0' % STATE, (u64(finished),))
 
     def note_pack(self, tid):
         self._run('UPDATE %s SET packed_to = GREATEST(packed_to, %%s) '

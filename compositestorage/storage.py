@@ -179,6 +179,7 @@ class CompositeStorage(blobs.BlobMethods):
         """Make the tables every process shares, and take each
         partition's oids in blocks from them."""
         self._shared.install()
+        self._shared.same_cluster = mvcc.one_cluster(self.partitions)
         blocks = mvcc.shared_state(self.primary)
         lock = threading.Lock()
 

@@ -503,3 +503,28 @@ def test_the_recover_command_on_a_shared_composite(config, storage, tmp_path,
     assert code == 0 and 'nothing to recover' in out
     code, out = run('verify', '--strict', '-q', path)
     assert (code, out.splitlines()[-1]) == (0, 'ok'), out
+
+
+def test_children_in_one_cluster_commit_with_one_flush(storage):
+    """Every test database is on one server: one write-ahead log."""
+    from compositestorage.mvcc import one_cluster
+    assert storage._shared.same_cluster
+    instance = storage.new_instance()
+    try:
+        assert instance._shared.same_cluster
+    finally:
+        instance.release()
+
+    class Child:
+        def __init__(self, cluster):
+            self.cluster = cluster
+
+        def cluster_id(self):
+            return self.cluster
+
+    class Part:
+        def __init__(self, cluster):
+            self.child = Child(cluster)
+    assert one_cluster([Part(7), Part(7)])
+    assert not one_cluster([Part(7), Part(8)])
+    assert not one_cluster([Part(7), Part(None)])

@@ -64,6 +64,14 @@ class Child:
     def prepare(self, read_only):
         """Called when the composite opens the child (see subclasses)."""
 
+    def cluster_id(self):
+        """The database cluster the child writes to, whose one log makes
+        a later commit durable with it, or ``None`` (see RelStorage's)."""
+        return None
+
+    def commit_without_flush(self):
+        """Nothing to do: only a child in a shared cluster can."""
+
     # --- oids -------------------------------------------------------------
 
     def oids_in(self, lo, hi):

@@ -234,6 +234,31 @@ class RelStorageChild(Child):
         return connmanager.open(
             isolation=connmanager.isolation_read_committed)
 
+    def cluster_id(self):
+        """The PostgreSQL cluster the child's database is in (its system
+        identifier), or ``None`` where it cannot be read."""
+        if self.engine != 'postgresql':
+            return None
+        try:
+            return self._scalar(
+                'SELECT system_identifier FROM pg_control_system()')
+        except Exception:
+            logger.info('partition child %s: cannot read its cluster\'s '
+                        'system identifier; every commit waits for the '
+                        'disk', self.location, exc_info=True)
+            return None
+
+    def commit_without_flush(self):
+        """Let the transaction being finished commit without waiting for
+        the disk (``synchronous_commit`` off, for it alone).  The composite
+        asks it only of a participant whose commit a later one, in the
+        same PostgreSQL cluster, flushes to disk before any reader can see
+        either, and before ``tpc_finish`` returns."""
+        state = self._restore_state()
+        if state is not None:
+            state.shared_state.store_connection.cursor.execute(
+                'SET LOCAL synchronous_commit TO OFF')
+
     def new_instance(self):
         """The adapter of a new RelStorage instance of this child, for one
         instance of a shared composite: its own sessions and snapshot."""
