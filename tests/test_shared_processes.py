@@ -89,19 +89,27 @@ def wait_until_recovered(dbname, timeout=20):
     return seen
 
 
+def shared_config(stack, tmp_path):
+    """``(text, path, primary database)`` of the configuration of a shared
+    composite of three history-preserving PostgreSQL children, on
+    databases that ``stack`` drops."""
+    dbs = [stack.enter_context(postgres_database()) for _ in NAMES]
+    text = composite_config(
+        tmp_path, [(name, prefix, child_section('postgresql', db))
+                   for prefix, (name, db) in enumerate(zip(NAMES, dbs))],
+        primary_file=False, journal=False)
+    path = tmp_path / 'composite.conf'
+    path.write_text(text)
+    return text, path, dbs[0]
+
+
 @pytest.fixture
 def composite(tmp_path):
     """The path of the configuration of a shared composite of three
     history-preserving PostgreSQL children, with its counters set up."""
     require_postgres()
     with contextlib.ExitStack() as stack:
-        dbs = [stack.enter_context(postgres_database()) for _ in NAMES]
-        text = composite_config(
-            tmp_path, [(name, prefix, child_section('postgresql', db))
-                       for prefix, (name, db) in enumerate(zip(NAMES, dbs))],
-            primary_file=False, journal=False)
-        path = tmp_path / 'composite.conf'
-        path.write_text(text)
+        text, path, primary = shared_config(stack, tmp_path)
         storage = open_config(text)
         assert storage._shared is not None      # shared auto: shared
         db = ZODB.DB(storage)
@@ -119,7 +127,7 @@ def composite(tmp_path):
             conn.close()
         finally:
             db.close()
-        yield Composite(str(path), dbs[0])
+        yield Composite(str(path), primary)
 
 
 def say(capsys, *args):
@@ -516,13 +524,7 @@ def test_verify_and_iterate_a_composite_never_written(tmp_path, capsys):
     StopIteration"), and the composite's ``record_iternext`` ends with
     ValueError, as for any empty storage (StopIteration escaped it)."""
     with contextlib.ExitStack() as stack:
-        dbs = [stack.enter_context(postgres_database()) for _ in NAMES]
-        text = composite_config(
-            tmp_path, [(name, prefix, child_section('postgresql', db))
-                       for prefix, (name, db) in enumerate(zip(NAMES, dbs))],
-            primary_file=False, journal=False)
-        path = tmp_path / 'composite.conf'
-        path.write_text(text)
+        text, path, primary = shared_config(stack, tmp_path)
         assert_verify_clean(str(path), capsys)
         storage = open_config(text)
         try:
