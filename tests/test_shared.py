@@ -403,19 +403,24 @@ def test_a_zeo_server_is_refused(storage):
         storage.registerDB(StorageServerDB(None, '1'))
 
 
-def die_between_finishes(config, where):
-    """A writer of another composite dies between the finishes of b and
-    c, in a transaction over both; its sessions end with it."""
+def die_between_finishes(config, where, names=('b', 'c'),
+                         point='finished:b'):
+    """A writer of another composite dies at ``point`` (between the
+    finishes of b and c), in a transaction over ``names``, its sessions
+    ending with it; returns the order the participants finished in."""
     from ZODB.Connection import TransactionMetaData
     dead = open_config(config).new_instance()
+    order = []
 
     def hook(name):
-        if name == 'finished:b':
+        if name.startswith('finished:'):
+            order.append(name.split(':')[1])
+        if name == point:
             raise Died()
 
     txn = TransactionMetaData()
     dead.tpc_begin(txn)
-    for name in ('b', 'c'):
+    for name in names:
         data, serial = dead.load(where[name])
         dead.store(where[name], serial, data, '', txn)
     dead.tpc_vote(txn)
@@ -426,6 +431,7 @@ def die_between_finishes(config, where):
     finally:
         faults.hook = None
     dead._root.close()
+    return order
 
 
 def test_a_read_only_composite_waits_for_a_writer_to_recover(
@@ -528,3 +534,44 @@ def test_children_in_one_cluster_commit_with_one_flush(storage):
     assert one_cluster([Part(7), Part(7)])
     assert not one_cluster([Part(7), Part(8)])
     assert not one_cluster([Part(7), Part(None)])
+
+
+def test_a_history_free_child_finishes_last_and_is_recovered(tmp_path):
+    """A shared composite with a history-free partition b: it finishes
+    after the others, so a writer that dies before it leaves a
+    transaction that the next poll of another composite takes back from
+    the rest; one that dies after it, one that is complete."""
+    require_postgres()
+    with databases('postgresql', tmp_path, NAMES) as where:
+        config = composite_config(tmp_path, [
+            (name, prefix, child_section('postgresql', where[name],
+                                         keep_history=(name != 'b')))
+            for prefix, name in enumerate(NAMES)],
+            primary_file=False, journal=False)
+        storage = open_config(config)
+        db = ZODB.DB(storage)
+        try:
+            assert IMVCCStorage.providedBy(storage)
+            assert not storage.partitions[1].child.rolls_back
+            fill(db)
+            at = oids(db)
+            reader = storage.new_instance()
+            before = {name: reader.load(at[name]) for name in NAMES}
+            for point, whole in (('finished:main', False),
+                                 ('finished:b', True)):
+                order = die_between_finishes(config, at, ('main', 'b'),
+                                             point)
+                assert order == ['main'] if not whole else ['main', 'b']
+                assert storage.journal.read() is not None
+                changed = reader.poll_invalidations()
+                assert storage.journal.read() is None
+                now = {name: reader.load(at[name]) for name in NAMES}
+                if whole:
+                    assert now['main'][1] == now['b'][1] > before['b'][1]
+                    assert set(changed) == {at['main'], at['b']}
+                else:
+                    assert now == before
+                    assert not set(changed or ())
+        finally:
+            reader.release()
+            db.close()
