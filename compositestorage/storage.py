@@ -352,7 +352,9 @@ class CompositeStorage(blobs.BlobMethods):
 
     def _declare_interfaces(self):
         children = [p.storage for p in self.partitions]
-        provided = [IStorage, IMultiCommitStorage, IServeable]
+        provided = [IStorage, IMultiCommitStorage]
+        if self._shared is None:
+            provided.append(IServeable)     # a shared one refuses ZEO
         if all(IStorageIteration.providedBy(c) for c in children):
             provided.append(IStorageIteration)
         if all(IStorageRestoreable.providedBy(c) for c in children):

@@ -398,7 +398,9 @@ def test_a_conflict_between_processes_is_raised_and_nothing_is_lost(
 
 
 def test_a_zeo_server_is_refused(storage):
+    from ZEO.interfaces import IServeable
     from ZEO.StorageServer import StorageServerDB
+    assert not IServeable.providedBy(storage)
     with pytest.raises(ConfigurationError, match='shared false'):
         storage.registerDB(StorageServerDB(None, '1'))
 
