@@ -280,3 +280,30 @@ def test_writer_processes_against_plain_relstorage(tmp_path):
         assert shared['lock_held'] > 0     # its commit lock was measured
     assert len(set(names)) == 6                  # fresh for every run
     assert not any(_database_exists(name) for name in names)   # dropped
+
+
+DISK = os.path.join(os.path.dirname(BENCH), 'disk.py')
+
+
+def test_disk_accounting(tmp_path):
+    """benchmarks/disk.py: the same documents in one FileStorage and in a
+    round-robin composite of three; every partition holds stubs, and the
+    holder of cross-partition references is bigger than ZODB's."""
+    out = tmp_path / 'disk.json'
+    proc = subprocess.run(
+        [sys.executable, DISK, '-n', '60', '--per-transaction', '20',
+         '--json', str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    plain, composite = result['plain'], result['composite']
+    assert result['n'] == 60
+    assert plain['stub_count'] == 0 and plain['records'] > 60
+    # every revision of every object is written once, in its partition
+    assert composite['records'] - composite['stub_count'] == \
+        plain['records']
+    assert all(p['stub_count'] > 0 for p in result['partitions'].values())
+    assert composite['file'] == sum(
+        p['file'] for p in result['partitions'].values())
+    assert result['ratio'] == composite['file'] / plain['file'] > 1
+    assert composite['holder'] > plain['holder']
+    assert 'composite / plain: %.2f' % result['ratio'] in proc.stdout
