@@ -78,10 +78,12 @@ CREATE TABLE IF NOT EXISTS %s (
 
 
 class CommitState:
-    """What a committer reads under the commit lock."""
+    """What a committer reads under the commit lock: the tid it chose
+    (without one to choose, the last one any process chose), the journal's
+    intent, and the packs."""
 
-    def __init__(self, last_tid, intent, packs_running, packs_done):
-        self.last_tid = last_tid
+    def __init__(self, tid, intent, packs_running, packs_done):
+        self.tid = tid
         self.intent = intent
         self.packs_running = packs_running
         self.packs_done = packs_done
@@ -185,30 +187,25 @@ class SharedState:
         one commits or not (``CommitState.tid``).
         """
         lock = 'SELECT pg_advisory_lock(%d, %d); ' % (LOCK_CLASS, COMMIT_LOCK)
+        columns = ('last_tid, intent_tid, intent_prefixes, packs_running, '
+                   'packs_done')
         if proposed is None and given is None:
-            rows = self._run(
-                lock + 'SELECT last_tid, last_tid, intent_tid, '
-                'intent_prefixes, packs_running, packs_done FROM %s WHERE '
-                'id = 0' % STATE, fetch=True)
+            rows = self._run(lock + 'SELECT %s FROM %s WHERE id = 0' % (
+                columns, STATE), fetch=True)
         else:
             if given is not None:
-                chosen = 'GREATEST(old.last_tid, %s)'
-                params = (u64(given),)
+                chosen, params = 'GREATEST(last_tid, %s)', (u64(given),)
             else:
-                chosen = 'GREATEST(old.last_tid + 1, %s)'
+                chosen = 'GREATEST(last_tid + 1, %s)'
                 params = (u64(proposed),)
             rows = self._run(
                 lock + self._not_flushed() +
-                'UPDATE %s new SET last_tid = %s FROM %s old WHERE new.id = 0'
-                ' AND old.id = 0 RETURNING old.last_tid, new.last_tid, '
-                'new.intent_tid, new.intent_prefixes, new.packs_running, '
-                'new.packs_done' % (STATE, chosen, STATE), params,
-                fetch=True)
+                'UPDATE %s SET last_tid = %s WHERE id = 0 RETURNING %s' % (
+                    STATE, chosen, columns), params, fetch=True)
         self.holds_commit = True
-        last, chosen, tid, prefixes, running, done = rows[0]
-        found = CommitState(p64(last), _intent(tid, prefixes), running, done)
-        found.tid = given if given is not None else p64(chosen)
-        return found
+        chosen, tid, prefixes, running, done = rows[0]
+        return CommitState(given if given is not None else p64(chosen),
+                           _intent(tid, prefixes), running, done)
 
     #: Whether the primary's database and every child's are in one
     #: PostgreSQL cluster, which writes one log (set by the composite):
@@ -391,11 +388,6 @@ class TableJournal:
         rows = self._run('SELECT packed_to FROM %s WHERE id = 0' % STATE,
                          fetch=True)
         return p64(rows[0][0]) if rows[0][0] else z64
-
-    def snapshot(self):
-        rows = self._run('SELECT intent_tid, finished_tid FROM %s WHERE '
-                         'id = 0' % STATE, fetch=True)
-        return repr(rows[0]).encode()
 
     def __repr__(self):
         return '<TableJournal %s>' % self.path
