@@ -109,9 +109,9 @@ def test_configured_child_stores_counts_and_never_gcs_alone(mixed, kind):
     db.close()
 
 
-def test_span_is_recorded_in_a_history_preserving_child(mixed, kind):
-    if not kind[1]:
-        pytest.skip('a history-free RelStorage keeps no transaction row')
+def change_x_and_m(mixed):
+    """A filled composite whose x (in cat) and m (in main) are changed in
+    a transaction not committed yet: ``(storage, db, oids, conn, root)``."""
     open_, _ = mixed
     storage = open_()
     db = ZODB.DB(storage)
@@ -120,6 +120,13 @@ def test_span_is_recorded_in_a_history_preserving_child(mixed, kind):
     root = conn.root()
     root['x']['name'] = 'x2'                      # cat
     root['m']['name'] = 'm2'                      # main
+    return storage, db, oids, conn, root
+
+
+def test_span_is_recorded_in_a_history_preserving_child(mixed, kind):
+    if not kind[1]:
+        pytest.skip('a history-free RelStorage keeps no transaction row')
+    storage, db, oids, conn, root = change_x_and_m(mixed)
     transaction.commit()
     tid = storage.lastTransaction()
     cat = cat_of(storage)
@@ -227,14 +234,7 @@ def test_undo_is_seen_by_a_load_and_a_new_connection(mixed, kind):
     undone transaction wrote stays (later records may use it)."""
     if not kind[1]:
         pytest.skip('a history-free RelStorage keeps no revisions to undo')
-    open_, _ = mixed
-    storage = open_()
-    db = ZODB.DB(storage)
-    oids = fill(db)
-    conn = db.open()
-    root = conn.root()
-    root['x']['name'] = 'x2'                      # cat
-    root['m']['name'] = 'm2'                      # main
+    storage, db, oids, conn, root = change_x_and_m(mixed)
     root['x']['w'] = new = PM(name='w')           # in main: a stub in cat
     conn.add(new)                                 # oids are placed now
     root['x']['z'] = new = PM(name='z')           # a new object in cat
