@@ -133,10 +133,13 @@ def persistent_ids(data):
     return [pid for pid, _ in pids_and_ends(data)[0]]
 
 
-def pids_and_ends(data, walked=False):
+def pids_and_ends(data, walked=False, memo_top=False):
     """``([(pid, end)], consumed)``: each persistent id of a record with the
     offset where its BINPERSID ends, and how many bytes the two pickles
     took.  Raises whatever the unpickler raises on a bad pickle.
+
+    With ``memo_top``, a third item: one more than the highest memo index
+    the record PUTs (0 for none), the first index it never uses.
 
     The C unpickler runs only on a record that :func:`~compositestorage.
     opcodes.walk` found within bounds (``walked`` says the caller has
@@ -157,6 +160,8 @@ def pids_and_ends(data, walked=False):
     noload = u.noload
     noload()
     noload()
+    if memo_top:
+        return pids, tell(), max(u.memo.copy(), default=-1) + 1
     return pids, tell()
 
 
@@ -261,8 +266,9 @@ def to_child_record(data, prefix, oid=None, partition=None):
     :class:`~compositestorage.opcodes.UnreadableRecordError`, naming
     ``oid`` and ``partition`` when given.
     """
+    tag = needs_tag(data)
     try:
-        done = (_rewrite_zodb_layout(data, prefix)
+        done = (_rewrite_zodb_layout(data, prefix, memoize=not tag)
                 if data[:2] == b'\x80\x03' else None)
         if done is None:
             foreign, hinted = scan(data, prefix)
@@ -277,7 +283,7 @@ def to_child_record(data, prefix, oid=None, partition=None):
             record, foreign, hints = done
     except (UnsafeRecordError, UnreadableRecordError) as e:
         raise e.naming(oid, partition) from None
-    if needs_tag(data):
+    if tag:
         record += EXACT_TAG
     return record, foreign, hints
 
@@ -387,6 +393,8 @@ def restore_hints(data):
         except KeyError:
             original = _restoration(header) if end > 0 else None
             if original is None:
+                if _memo_restoration(header) is not None:
+                    return _restore_memoized(data)
                 return None
             if len(_restorations) < 10000:
                 _restorations[header] = original
@@ -400,25 +408,89 @@ def restore_hints(data):
     return b''.join(out)
 
 
+def _memo_restoration(header):
+    """``(original, k)`` for a memoized hint's ``module:name:how:mK``: what
+    it and every GET of memo index ``k`` replaced; else ``None``."""
+    head, sep, k = header.rpartition(b':m')
+    if not sep or not k or k.strip(b'0123456789abcdef'):
+        return None
+    original = _restoration(head)
+    if original is None or original is _POP or original[:1] == b'c':
+        return None
+    return original, int(k, 16)
+
+
+def _restore_memoized(data):
+    """:func:`restore_hints` for a record with memoized hints (see
+    :func:`_memoized`): each hint and the PUT after it, and each GET of its
+    memo index, found by walking the record's opcodes, give back the
+    bytes they replaced.  ``None`` if the record is not as stored."""
+    try:
+        _, matches = walk(data, refs=_PID_RE)
+    except CorruptRecordError:
+        return None
+    edits = []
+    memo = {}
+    parts = data.split(HINT_MARK)
+    at = len(parts[0])
+    for part in parts[1:]:
+        end = part.find(b'\n')
+        if end <= 0:
+            return None
+        header = part[:end]
+        op_end = at + _HINT_LEN + end + 1
+        found = _memo_restoration(header)
+        if found is not None:
+            original, k = found
+            put = _memo_ops(k)[0]
+            if data[op_end:op_end + len(put)] != put or k in memo:
+                return None
+            memo[k] = original
+            edits.append((at, op_end + len(put), original))
+        else:
+            original = _restoration(header)
+            if original is None:
+                return None
+            if original is _POP:
+                if not at or data[at - 1] != _POP_OP:
+                    return None
+                edits.append((at - 1, op_end, b''))
+            else:
+                edits.append((at, op_end, original))
+        at += _HINT_LEN + len(part)
+    for m in matches:
+        k = _index(m.group(11), m.group(12))
+        if k is not None and k in memo:
+            edits.append((m.start(6), m.end(6), memo[k]))
+    edits.sort()
+    return _apply(data, edits)
+
+
 class Replaced(bytes):
     """The bytes a stub hint replaced (empty for a ``'-'`` hint, whose
     POP goes too); what a ``replace`` callback returns to put them back."""
+
+    #: a memoized hint's: the PUT after it goes too
+    memoized = False
 
 
 def _hint_how(klass):
     """The :class:`Replaced` bytes a hint that says how names, else
     ``None`` (a hint that names a GLOBAL of its class, or none)."""
     fields = klass[1].split(':')
-    if len(fields) != 4:
+    if len(fields) not in (4, 5):
         return None
     try:
-        original = _restoration(':'.join(fields[1:]).encode('utf-8'))
+        header = ':'.join(fields[1:]).encode('utf-8')
     except UnicodeEncodeError:
         return None
+    memo = _memo_restoration(header) if len(fields) == 5 else None
+    original = memo[0] if memo is not None else _restoration(header)
     if original is None:
         return None
     replaced = Replaced(original)
     replaced.klass = (fields[1], fields[2])
+    replaced.memoized = memo is not None
     return replaced
 
 
@@ -544,6 +616,8 @@ def _edit(data, klass_op, new):
         return _hint_edit(data, klass_op, tuple(new))
     if isinstance(new, Replaced):
         if new:
+            if new.memoized and put_end is not None:
+                return (start, put_end, bytes(new))   # the hint's PUT too
             return (start, end, bytes(new))
         if start and data[start - 1] == _POP_OP:
             return (start - 1, end, b'')        # the POP and the hint
@@ -891,11 +965,12 @@ def _index(short, long):
     return None
 
 
-def _rewrite_zodb_layout(data, prefix):
+def _rewrite_zodb_layout(data, prefix, memoize=True):
     """``(record, foreign, hints)``, or ``None`` when ``data`` is not laid
     out exactly as ZODB lays records out.  Raises
     :class:`~compositestorage.opcodes.UnsafeRecordError` for a record out
-    of bounds."""
+    of bounds.  ``memoize`` lets a hint used more than once be written
+    once (see :func:`_memoized`); a record that will be tagged is not."""
     try:
         consumed, matches = walk(data, refs=_PID_RE)
     except NotAPickle:
@@ -938,13 +1013,15 @@ def _rewrite_zodb_layout(data, prefix):
             edits.append(_cached_hint_edit(data, span, klass))
         expected.append((oid, m.end()))
     try:
-        pids, _ = pids_and_ends(data, walked=True)
+        pids, _, top = pids_and_ends(data, walked=True, memo_top=True)
     except Exception:
         return None
     found = [(pid[0], end) for pid, end in pids
              if isinstance(pid, tuple) and pid]
     if found != expected:
         return None
+    if memoize and len(edits) > 1:
+        edits = _memoized(data, edits, top)
     foreign = set()
     for ref, _ in pids:
         # a tuple's oid is one of ``expected``: eight bytes already
@@ -974,6 +1051,47 @@ def _cached_hint_edit(data, span, klass):
     if len(_hint_edits) < 10000:
         _hint_edits[key] = edit[2]
     return edit
+
+
+def _memo_ops(k):
+    """The PUT and the GET of memo index ``k``."""
+    if k < 256:
+        return b'q' + bytes((k,)), b'h' + bytes((k,))
+    k = k.to_bytes(4, 'little')
+    return b'r' + k, b'j' + k
+
+
+def _memoized(data, edits, top):
+    """``edits`` with each stub hint that replaces a GET and is used more
+    than once written in full only the first time, then memoized.
+
+    A container full of references to one class in another partition
+    would otherwise spell the same 70-byte hint for every entry, where
+    ZODB's own pickle spends a 2-byte GET.  The first use becomes the
+    hint, with ``:m`` and a memo index in hex added to its name, followed
+    by a PUT of that index; every later use becomes a GET of it.  The
+    index is the record's first unused one (``top`` and up): the record
+    passed ``noload``, so it GETs no index it does not PUT, and every GET
+    of these indices in the child's record is one of these hints, which
+    is what lets a load find them (:func:`_restore_memoized`).
+    """
+    uses = {}
+    for i, (start, end, op) in enumerate(edits):
+        if end - start in (2, 5) and data[start] in (_H, _J) \
+                and op.startswith(HINT_MARK):
+            uses.setdefault(op, []).append(i)
+    k = top
+    for op, where in uses.items():
+        if len(where) < 2 or k > 0xFFFF:
+            continue
+        put, get = _memo_ops(k)
+        start, end, _ = edits[where[0]]
+        edits[where[0]] = (start, end, b'%s:m%x\n%s' % (op[:-1], k, put))
+        for i in where[1:]:
+            start, end, _ = edits[i]
+            edits[i] = (start, end, get)
+        k += 1
+    return edits
 
 
 _spellings = {}
