@@ -16,12 +16,14 @@ cross-partition reference never changes its oid.  Only the class hint of the
 :class:`~compositestorage.stubs.PartitionStub`, so a plain ZODB opening the
 child alone sees a stub rather than an object of the wrong class.
 
-In a child, a class hint also names the class it stands for, and how to
-give back the bytes it replaced: ``compositestorage.stubs``
-``PartitionStub:module:name[:how]`` (see :func:`stub_hint`).  The stubs
-module resolves every such name to the stub class, so a plain ZODB still
-sees a stub; the composite gives ZODB back the exact bytes ZODB stored,
-without loading the stub.
+In a child, a class hint also says how to give back the bytes it
+replaced, and where those were not a GET, names the class it stands for:
+``compositestorage.stubs`` ``PartitionStub:module:name[:how]`` or
+``PartitionStub:::how`` (see :func:`stub_hint`).  A hint used more than
+once in a record is written once and memoized (:func:`_memoized`).  The
+stubs module resolves every such name to the stub class, so a plain ZODB
+still sees a stub; the composite gives ZODB back the exact bytes ZODB
+stored, without loading the stub.
 
 Most records need no parsing at all.  On store, :func:`quick_check` finds
 the records that cannot hold an oid of another partition (a protocol 3
@@ -83,8 +85,15 @@ def stub_hint(klass, how=''):
     ``how`` tells a load how to give back the exact bytes it replaced:
     ``''`` a GLOBAL of the class, ``'-'`` nothing (the original GLOBAL and
     its PUT stay just before, followed by a POP), ``'hXX'``/``'jXXXXXXXX'``
-    a BINGET/LONG_BINGET with that argument in hex.
+    a BINGET/LONG_BINGET with that argument in hex.  A hint that replaced
+    a GET leaves the class out (``PartitionStub:::hXX``): the GET is all a
+    load needs, the stub record names the class, and most references are
+    GETs of a class the record named before, each of which would otherwise
+    spell it again.
     """
+    if klass and how[:1] in ('h', 'j') and not is_stub_hint(klass):
+        # the GET it replaced is all a load needs; the stub names the class
+        return (STUB_MODULE, HINT_PREFIX + '::' + how)
     if klass and not is_stub_hint(klass):
         module, name = klass
         if module and name and ':' not in module and ':' not in name \

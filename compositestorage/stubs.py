@@ -59,15 +59,22 @@ def stub_record(home, klass):
     """
     module, name = klass if klass else (None, None)
     return internal_record(PartitionStub,
-                           {'home': home, 'module': module, 'name': name})
+                           {'home': home, 'module': module, 'name': name},
+                           memo=False)
 
 
-def internal_record(klass, state):
+def internal_record(klass, state, memo=True):
     """The record of an internal object (a stub, a partition map): its
     class and state pickled as ZODB pickles a record, so the bytes are the
-    same in every process."""
+    same in every process.
+
+    Without ``memo`` nothing is memoized: a stub's strings each appear
+    once, so its PUTs would be 16 of its bytes, in a record written for
+    every target that a partition refers to.
+    """
     f = io.BytesIO()
     p = Pickler(f, 3)
+    p.fast = not memo
     p.dump(klass)
     p.dump(state)
     return f.getvalue()
