@@ -283,6 +283,7 @@ def test_writer_processes_against_plain_relstorage(tmp_path):
 
 
 DISK = os.path.join(os.path.dirname(BENCH), 'disk.py')
+BREAKDOWN = os.path.join(os.path.dirname(BENCH), 'breakdown.py')
 
 
 def test_disk_accounting(tmp_path):
@@ -307,3 +308,28 @@ def test_disk_accounting(tmp_path):
     assert result['ratio'] == composite['file'] / plain['file'] > 1
     assert composite['holder'] > plain['holder']
     assert 'composite / plain: %.2f' % result['ratio'] in proc.stdout
+
+
+def test_breakdown_times_each_step(tmp_path):
+    """benchmarks/breakdown.py: timers around the composite's steps, and
+    FileStorage's, on cross-partition commits."""
+    out = tmp_path / 'breakdown.json'
+    proc = subprocess.run(
+        [sys.executable, BREAKDOWN, '-n', '200', '--transactions', '5',
+         '--rounds', '1', '--json', str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    fs, composite = result['fs'], result['composite2']
+    for workload in ('xadd', 'xupdate', 'small2'):
+        steps = composite[workload]
+        # the composite's steps are parts of its store, vote and finish
+        assert 0 < steps['rewrite'] < steps['store'] < steps['seconds']
+        assert 0 < steps['child stores'] < steps['store']
+        assert steps['child finishes'] > 0 and steps['child votes'] > 0
+        assert set(fs[workload]) == {'seconds', 'store', 'child votes',
+                                     'child finishes'}
+    # new targets get stubs; every commit here spans both partitions
+    assert composite['xadd']['stubs'] > 0
+    assert composite['small2']['intent'] > 0
+    assert 'ratio fs/composite: xadd ' in proc.stdout
