@@ -1,9 +1,11 @@
 /* The opcode walk of compositestorage.opcodes, in C.
  *
- * walk(data, pickles, memo_limit, layouts, want_starts) reads the opcodes
- * of the first `pickles` pickles of `data` as opcodes.walk does and returns
- * where the last one ends (with want_starts, a pair of that and the list of
- * offsets where opcodes.walk would try its reference pattern).  It returns
+ * walk(data, pickles, memo_limit, layouts, want_starts[, census]) reads the
+ * opcodes of the first `pickles` pickles of `data` as opcodes.walk does and
+ * returns where the last one ends (with want_starts, a pair of that and the
+ * list of offsets where opcodes.walk would try its reference pattern; with
+ * census, also the count of BINPERSIDs, -1 for a text PERSID, and one more
+ * than the highest memo index named, as opcodes._census counts them).  It returns
  * None for anything else: an error, or a case it leaves to the Python walk
  * (a text PUT, a LONG_BINPUT beyond memo_limit), which then decides and
  * raises exactly as it always has.  So this module only ever answers for a
@@ -39,11 +41,15 @@ walk(PyObject *self, PyObject *args)
     const char *layouts;
     Py_ssize_t layouts_len;
     int want_starts;
+    int census = 0;
     PyObject *starts = NULL;
     PyObject *result = NULL;
+    Py_ssize_t persids = 0;
+    int text_persid = 0;
+    unsigned long long top = 0;
 
-    if (!PyArg_ParseTuple(args, "y*nny#p", &view, &pickles, &memo_limit,
-                          &layouts, &layouts_len, &want_starts))
+    if (!PyArg_ParseTuple(args, "y*nny#p|p", &view, &pickles, &memo_limit,
+                          &layouts, &layouts_len, &want_starts, &census))
         return NULL;
     if (layouts_len != 512) {
         PyBuffer_Release(&view);
@@ -79,20 +85,28 @@ walk(PyObject *self, PyObject *args)
                 if (stops == pickles)
                     break;
             }
+            else if (code == 'Q')
+                persids += 1;
             continue;
         }
         if (kind == K_FIXED) {
             if (pos + n > size)
                 goto fallback;
-            if (code == 'r') {          /* LONG_BINPUT */
+            if (code == 'r' || code == 'j') {   /* LONG_BINPUT, LONG_BINGET */
                 unsigned long index = (unsigned long)data[pos]
                     | (unsigned long)data[pos + 1] << 8
                     | (unsigned long)data[pos + 2] << 16
                     | (unsigned long)data[pos + 3] << 24;
-                if (index > (unsigned long)memo_limit)
+                if (code == 'r' && index > (unsigned long)memo_limit)
                     goto fallback;      /* the Python walk refuses it */
+                if (index + 1ULL > top)
+                    top = index + 1ULL;
             }
-            else if (starts != NULL && (code == 'h' || code == 'j')) {
+            else if (code == 'q' || code == 'h') {
+                if (data[pos] + 1ULL > top)
+                    top = data[pos] + 1ULL;
+            }
+            if (starts != NULL && (code == 'h' || code == 'j')) {
                 Py_ssize_t next = pos + n;
                 if (next < size && ref_follows(data[next])) {
                     PyObject *at = PyLong_FromSsize_t(start);
@@ -131,8 +145,10 @@ walk(PyObject *self, PyObject *args)
         }
         if (kind == K_LINES) {
             Py_ssize_t i;
-            if (code == 'p')
-                goto fallback;          /* text PUT: the Python walk */
+            if (code == 'p' || (census && code == 'g'))
+                goto fallback;          /* text PUT, GET: the Python walk */
+            if (code == 'P')
+                text_persid = 1;
             for (i = 0; i < n; i++) {
                 const unsigned char *nl = memchr(data + pos, '\n',
                                                  size - pos);
@@ -146,6 +162,15 @@ walk(PyObject *self, PyObject *args)
     }
 
     PyBuffer_Release(&view);
+    if (census) {
+        if (starts == NULL) {
+            starts = Py_None;
+            Py_INCREF(starts);
+        }
+        return Py_BuildValue("(nNnK)", pos, starts,
+                             text_persid ? (Py_ssize_t)-1 : persids,
+                             text_persid ? (1ULL << 32) : top);
+    }
     if (starts == NULL)
         return PyLong_FromSsize_t(pos);
     result = Py_BuildValue("(nN)", pos, starts);
@@ -164,9 +189,9 @@ error:
 
 static PyMethodDef methods[] = {
     {"walk", walk, METH_VARARGS,
-     "walk(data, pickles, memo_limit, layouts, want_starts): where the "
-     "pickles end (and the offsets where a reference may begin), or None "
-     "to leave the record to the Python walk."},
+     "walk(data, pickles, memo_limit, layouts, want_starts[, census]): "
+     "where the pickles end (and the offsets where a reference may begin, "
+     "and the census), or None to leave the record to the Python walk."},
     {NULL, NULL, 0, NULL}
 };
 

@@ -200,7 +200,7 @@ else:
         _accelerated = None
 
 
-def walk(data, pickles=2, refs=None):
+def walk(data, pickles=2, refs=None, census=False):
     """Check that ``data`` begins with ``pickles`` whole pickles that the C
     unpickler can read within bounds set by ``len(data)``; return where the
     last one ends.
@@ -211,21 +211,30 @@ def walk(data, pickles=2, refs=None):
     returned too, as ``(end, matches)``.  Each match begins at an opcode,
     and its bytes are walked like any others.
 
+    With ``census`` (and ``refs``), two more: ``(end, matches, persids,
+    top)``, where ``persids`` counts the BINPERSID opcodes (``-1`` if there
+    is a text PERSID, or anything the count cannot vouch for) and ``top``
+    is one more than the highest memo index any PUT or GET names (0 for
+    none): what lets :mod:`compositestorage.references` know every
+    persistent id of a record, and a memo index it never uses, without
+    unpickling it.
+
     Raises :class:`NotAPickle` or :class:`UnsafeRecordError`.
 
     The C accelerator (``compositestorage._opcodes``, built where a
     compiler exists) answers for the records it can vouch for, with the
     very answer of :func:`walk_python`; everything else (errors, text
-    PUTs, long memo indices) goes to :func:`walk_python`.
+    PUTs and GETs, long memo indices) goes to :func:`walk_python`.
     """
     if _accelerated is not None and type(data) is bytes:
         found = _accelerated(data, pickles, max(256, len(data) // 2),
-                             _LAYOUT_BYTES, refs is not None)
+                             _LAYOUT_BYTES, refs is not None,
+                             census and refs is not None)
         if found is not None:
             if refs is None:
                 _check_nesting(data, found)
                 return found
-            end, starts = found
+            end, starts = found[:2]
             _check_nesting(data, end)
             match = refs.match
             matches = []
@@ -233,8 +242,55 @@ def walk(data, pickles=2, refs=None):
                 m = match(data, start)
                 if m is not None:
                     matches.append(m)
+            if census:
+                return end, matches, found[2], found[3]
             return end, matches
-    return walk_python(data, pickles, refs)
+    found = walk_python(data, pickles, refs)
+    if census and refs is not None:
+        return found + _census(data, found[0])
+    return found
+
+
+#: What :func:`_census` answers when it cannot vouch for a record: no
+#: persistent id known, no memo index free.
+_NO_CENSUS = (-1, 1 << 32)
+_PERSID = ord('P')
+_BINPERSID = ord('Q')
+_SHORT_MEMO = frozenset(map(ord, 'qh'))
+_LONG_MEMO = frozenset(map(ord, 'rj'))
+_TEXT_MEMO = frozenset(map(ord, 'pg'))
+
+
+def _census(data, end):
+    """``(persids, top)`` of the pickles in ``data[:end]``, which
+    :func:`walk_python` found well formed: see :func:`walk`."""
+    persids = 0
+    top = 0
+    pos = 0
+    while pos < end:
+        code = data[pos]
+        _, kind, n = LAYOUTS[code]
+        pos += 1
+        arg = pos
+        if kind == 'fixed':
+            pos += n
+        elif kind == 'counted':
+            pos += n + int.from_bytes(data[pos:pos + n], 'little')
+        elif kind == 'lines':
+            for _ in range(n):
+                pos = data.index(b'\n', pos) + 1
+        if code == _BINPERSID:
+            persids += 1
+        elif code == _PERSID:
+            return _NO_CENSUS
+        elif code in _SHORT_MEMO or code in _LONG_MEMO:
+            top = max(top, int.from_bytes(data[arg:pos], 'little') + 1)
+        elif code in _TEXT_MEMO:
+            digits = data[arg:pos - 1]
+            if not digits.isdigit() or len(digits) > 20:
+                return _NO_CENSUS
+            top = max(top, int(digits) + 1)
+    return persids, top
 
 
 def walk_python(data, pickles=2, refs=None):

@@ -142,13 +142,10 @@ def persistent_ids(data):
     return [pid for pid, _ in pids_and_ends(data)[0]]
 
 
-def pids_and_ends(data, walked=False, memo_top=False):
+def pids_and_ends(data, walked=False):
     """``([(pid, end)], consumed)``: each persistent id of a record with the
     offset where its BINPERSID ends, and how many bytes the two pickles
     took.  Raises whatever the unpickler raises on a bad pickle.
-
-    With ``memo_top``, a third item: one more than the highest memo index
-    the record PUTs (0 for none), the first index it never uses.
 
     The C unpickler runs only on a record that :func:`~compositestorage.
     opcodes.walk` found within bounds (``walked`` says the caller has
@@ -169,8 +166,6 @@ def pids_and_ends(data, walked=False, memo_top=False):
     noload = u.noload
     noload()
     noload()
-    if memo_top:
-        return pids, tell(), max(u.memo.copy(), default=-1) + 1
     return pids, tell()
 
 
@@ -981,11 +976,13 @@ def _rewrite_zodb_layout(data, prefix, memoize=True):
     of bounds.  ``memoize`` lets a hint used more than once be written
     once (see :func:`_memoized`); a record that will be tagged is not."""
     try:
-        consumed, matches = walk(data, refs=_PID_RE)
+        consumed, matches, persids, top = walk(data, refs=_PID_RE,
+                                               census=True)
     except NotAPickle:
         return None
     if consumed != len(data):
         return None
+    literal = True
     memo = {}
     meta = _META_RE.match(data)
     if meta is not None:
@@ -997,6 +994,7 @@ def _rewrite_zodb_layout(data, prefix, memoize=True):
         (oid, oid_q, oid_r, oid_h, oid_j, _, module, name,
          k_q, k_r, k_h, k_j) = m.groups()
         if oid is None:
+            literal = False
             oid = memo.get(_index(oid_h, oid_j))
             if not isinstance(oid, bytes):
                 return None
@@ -1021,16 +1019,32 @@ def _rewrite_zodb_layout(data, prefix, memoize=True):
             hints[oid] = klass
             edits.append(_cached_hint_edit(data, span, klass))
         expected.append((oid, m.end()))
+    if literal and persids == len(expected):
+        # Every BINPERSID ends a match, whose opcodes push its oid and
+        # class, pair them and hand the pair over: these are the record's
+        # persistent ids, exactly, and noload would report no others.
+        foreign = {oid for oid, _ in expected if oid[0] != prefix}
+    else:
+        foreign = _foreign_by_noload(data, prefix, expected)
+        if foreign is None:
+            return None
+    if memoize and len(edits) > 1:
+        edits = _memoized(data, edits, top)
+    return _apply(data, edits), foreign, hints
+
+
+def _foreign_by_noload(data, prefix, expected):
+    """The oids of other partitions among the persistent ids ``noload``
+    reports, or ``None`` unless it reports every ``(oid, end)`` of
+    ``expected`` as a class-hinted one, and no other."""
     try:
-        pids, _, top = pids_and_ends(data, walked=True, memo_top=True)
+        pids, _ = pids_and_ends(data, walked=True)
     except Exception:
         return None
     found = [(pid[0], end) for pid, end in pids
              if isinstance(pid, tuple) and pid]
     if found != expected:
         return None
-    if memoize and len(edits) > 1:
-        edits = _memoized(data, edits, top)
     foreign = set()
     for ref, _ in pids:
         # a tuple's oid is one of ``expected``: eight bytes already
@@ -1038,7 +1052,7 @@ def _rewrite_zodb_layout(data, prefix, memoize=True):
                else _ref_oid(ref))
         if oid is not None and oid[0] != prefix:
             foreign.add(oid)
-    return _apply(data, edits), foreign, hints
+    return foreign
 
 
 _hint_edits = {}
@@ -1079,10 +1093,10 @@ def _memoized(data, edits, top):
     ZODB's own pickle spends a 2-byte GET.  The first use becomes the
     hint, with ``:m`` and a memo index in hex added to its name, followed
     by a PUT of that index; every later use becomes a GET of it.  The
-    index is the record's first unused one (``top`` and up): the record
-    passed ``noload``, so it GETs no index it does not PUT, and every GET
-    of these indices in the child's record is one of these hints, which
-    is what lets a load find them (:func:`_restore_memoized`).
+    indices are ``top`` and up, beyond every index a PUT or a GET of the
+    record names (the walk's census), so every GET of them in the child's
+    record is one of these hints, which is what lets a load find them
+    (:func:`_restore_memoized`).
     """
     uses = {}
     for i, (start, end, op) in enumerate(edits):

@@ -247,17 +247,29 @@ def check(data, prefix, stats):
         'peak memory grew by %d MB' % (grown // (1024 * 1024)))
 
 
-def walk_outcome(walk, data, refs):
+def walk_outcome(walk, data, refs, census=False):
     """What ``walk`` makes of ``data``: its result, match spans and groups
-    included, or the error it raises with its message."""
+    included (and with ``census``, the count of persistent ids and the
+    first free memo index), or the error it raises with its message."""
     try:
-        found = walk(data, refs=refs)
+        if census:
+            found = walk(data, refs=refs, census=True)
+        else:
+            found = walk(data, refs=refs)
     except Exception as e:
         return type(e).__name__, str(e)
     if refs is None:
         return found
-    end, matches = found
-    return end, [(m.span(), m.groups()) for m in matches]
+    end, matches = found[:2]
+    return (end, [(m.span(), m.groups()) for m in matches]) + found[2:]
+
+
+def python_census(data, refs):
+    """The Python walk, with the census the C walk takes: what
+    :func:`compositestorage.opcodes.walk` answers without the accelerator."""
+    from compositestorage import opcodes
+    found = opcodes.walk_python(data, refs=refs)
+    return found + opcodes._census(data, found[0])
 
 
 def both_walks_agree(data, stats):
@@ -276,6 +288,9 @@ def both_walks_agree(data, stats):
         fast = walk_outcome(opcodes.walk, data, refs)
         slow = walk_outcome(opcodes.walk_python, data, refs)
         assert fast == slow, (refs, fast, slow)
+    fast = walk_outcome(opcodes.walk, data, _PID_RE, census=True)
+    slow = walk_outcome(python_census, data, _PID_RE)
+    assert fast == slow, ('census', fast, slow)
     if accelerated(data, 2, max(256, len(data) // 2),
                    opcodes._LAYOUT_BYTES, False) is not None:
         stats['accelerated'] = stats.get('accelerated', 0) + 1

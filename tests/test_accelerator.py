@@ -79,6 +79,33 @@ def test_the_c_walk_leaves_the_rest_to_python(data):
             walk_outcome(opcodes.walk_python, data, refs)
 
 
+OID = hostile_records.FOREIGN
+PID = b'C\x08' + OID + b'q\x02h\x00\x86q\x03Q'
+
+
+@pytest.mark.parametrize('data, census', [
+    # one BINPERSID; memo indices 0 to 3
+    (HEAD + b']q\x01' + PID + b'a.', (1, 4)),
+    # a GET beyond every PUT counts too (noload would refuse it)
+    (HEAD + b']q\x01h\x07a.', (0, 8)),
+    # LONG_BINPUT and LONG_BINGET
+    (HEAD + b']r\x00\x01\x00\x00j\x01\x01\x00\x00a.', (0, 258)),
+    # a text PERSID: no persistent id can be vouched for
+    (HEAD + b']q\x01Pabc\na.', (-1, 1 << 32)),
+    # a text GET: the Python walk counts it
+    (HEAD + b']q\x01g9\na.', (0, 10)),
+])
+def test_both_walks_take_the_same_census(data, census):
+    python = hostile_records.python_census(data, _PID_RE)
+    assert python[2:] == census
+    assert walk_outcome(opcodes.walk, data, _PID_RE, census=True) == \
+        walk_outcome(hostile_records.python_census, data, _PID_RE)
+    if accelerator_built() and b'g9' not in data:
+        assert opcodes._accelerated(
+            data, 2, max(256, len(data) // 2), opcodes._LAYOUT_BYTES,
+            True, True)[2:] == census
+
+
 def test_pure_python_can_be_chosen():
     code = ('from compositestorage import opcodes; '
             'print(opcodes._accelerated is None)')

@@ -22,6 +22,7 @@ from persistent.wref import WeakRef
 from ZODB.POSException import ConflictError
 
 from compositestorage import placement
+from compositestorage.opcodes import walk
 from compositestorage.references import EXACT_TAG
 from compositestorage.references import HINT_MARK
 from compositestorage.references import Hint
@@ -38,7 +39,7 @@ from compositestorage.references import hinted_class
 from compositestorage.references import hints_to_classes
 from compositestorage.references import is_stub_hint
 from compositestorage.references import persistent_ids
-from compositestorage.references import pids_and_ends
+from compositestorage.references import _PID_RE
 from compositestorage.references import quick_check
 from compositestorage.references import rewrite_class_hints
 from compositestorage.references import scan
@@ -111,7 +112,7 @@ def test_zodbs_layout_takes_the_regular_expression(zodb_records):
         exact = _exact_edits(data, to_stub(prefix))
         assert exact == _quick_edits(data, to_stub(prefix))
         # the same edits, with repeated hints memoized
-        top = pids_and_ends(data, memo_top=True)[2]
+        top = walk(data, refs=_PID_RE, census=True)[3]
         assert record == _apply(data, _memoized(data, exact, top))
         assert set(hints) == {oid for oid, _ in hinted_pids(data)
                               if oid[0] != prefix}
@@ -389,7 +390,7 @@ def test_hand_made_layouts_agree(make):
     assert found == foreign
     if data[:2] == b'\x80\x03':
         # ZODB's layout: the hint used twice is written once, memoized
-        top = pids_and_ends(data, memo_top=True)[2]
+        top = walk(data, refs=_PID_RE, census=True)[3]
         assert stored == _apply(data, _memoized(data, exact, top))
         assert stored.count(HINT_MARK) == 2
         assert hints_to_classes(stored, 0, no_lookup) == data
