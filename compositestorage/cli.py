@@ -592,6 +592,7 @@ def cmd_repair(args, out=None):
 
 def cmd_recover(args, out=None):
     out = out or sys.stdout
+    from compositestorage.recovery import partial_transactions
     from compositestorage.recovery import recover
     with opened_composite(args.target, _database(args), args.dry_run,
                           'recover') as storage:
@@ -602,18 +603,29 @@ def cmd_recover(args, out=None):
                            % args.target)
         if args.dry_run:
             outcome = recover(storage._by_prefix, journal, dry_run=True)
+            # what the open would then take back by the spans
+            partial = [p for p in partial_transactions(
+                storage._by_prefix, packed_to=storage.packed_to())
+                if outcome is None or p.tid != outcome.intent.tid]
         else:
             outcome = storage.recovered     # opening recovered
+            partial = storage.partial
     if args.json:
         report = {'journal': journal.path, 'dry_run': args.dry_run,
-                  'outcome': outcome.as_dict() if outcome else None}
+                  'outcome': outcome.as_dict() if outcome else None,
+                  'partial': [p.as_dict() for p in partial]}
         print(json.dumps(report, indent=2, sort_keys=True), file=out)
-    elif outcome is None:
+        return 0
+    dry = ' (dry run: nothing changed)' if args.dry_run else ''
+    if outcome is None and not partial:
         print('%s: nothing to recover' % journal.path, file=out)
-    else:
-        print('%s: %s%s' % (journal.path, outcome,
-                            ' (dry run: nothing changed)' if args.dry_run
-                            else ''), file=out)
+    if outcome is not None:
+        print('%s: %s%s' % (journal.path, outcome, dry), file=out)
+    for entry in partial:
+        print('%s, %s %s%s' % (
+            entry, 'to be taken back from' if args.dry_run
+            else 'taken back from',
+            ', '.join(p.name for p in entry.holders), dry), file=out)
     return 0
 
 

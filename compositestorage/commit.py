@@ -464,7 +464,11 @@ class Coordinator:
             # intent, writing it takes this lock
             storage._shared.hold_finish()
         if journal is not None:
-            self._write_intent(state, named, journal)
+            # A shared composite's processes recover from the intent; a
+            # writer's open can recover from the first child's span alone.
+            self._write_intent(state, named, journal,
+                               durable=storage._shared is not None
+                               or not parts[0].child.records_spans)
         finished, error = self._finish_children(state, parts)
         if error is not None and not self._finished_anyway(state, named,
                                                            finished):
@@ -496,10 +500,11 @@ class Coordinator:
                 mvcc.seen(storage, state.tid)
         return state.tid
 
-    def _write_intent(self, state, parts, journal):
-        """Make the intent durable, or abort every participant.
+    def _write_intent(self, state, parts, journal, durable=True):
+        """Write the intent (durable, unless ``durable`` is false), or
+        abort every participant.
 
-        Before the intent is durable no child has finished, so a failure
+        Before the intent is written no child has finished, so a failure
         here (a full disk, no file descriptor left) takes the transaction
         back whole: each child is aborted, which also frees its commit
         lock for the next transaction.
@@ -507,7 +512,8 @@ class Coordinator:
         try:
             fault_point('write-intent')
             journal.write_intent(Intent(state.tid,
-                                        [p.prefix for p in parts]))
+                                        [p.prefix for p in parts]),
+                                 durable)
         except Exception as e:
             logger.error('could not write the commit journal %s for '
                          'transaction %s', journal.path, state.tid.hex(),

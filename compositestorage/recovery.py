@@ -214,6 +214,11 @@ class Partial:
             self.tid.hex(), ', '.join(p.name for p in self.holders)
             + ', ' + ', '.join(self.lacking), ', '.join(self.lacking))
 
+    def as_dict(self):
+        return {'tid': self.tid.hex(),
+                'held_by': [p.name for p in self.holders],
+                'lacking': list(self.lacking)}
+
 
 def record_participants(part, metadata, prefixes):
     """Have ``part``'s child record ``prefixes`` as the participants of the
@@ -285,9 +290,10 @@ def remove_partial(partitions, depth=CHECK_DEPTH, dry_run=False,
             continue
         for part in entry.holders:
             roll_back(part, entry.tid)
-        logger.warning('partition(s) %s lost transaction %s; it was taken '
-                       'back from %s, which held it', ', '.join(entry.lacking),
-                       entry.tid.hex(),
+        logger.warning('transaction %s is missing from partition(s) %s (a '
+                       'commit that did not finish there, or a damaged '
+                       'child); it was taken back from %s, which held it',
+                       entry.tid.hex(), ', '.join(entry.lacking),
                        ', '.join(p.name for p in entry.holders))
     return partial
 

@@ -344,9 +344,9 @@ class TableJournal:
                          'id = 0' % STATE, fetch=True)
         return _intent(*rows[0])
 
-    def write_intent(self, intent):
+    def write_intent(self, intent, durable=True):
         """Take the finish lock, and commit ``intent`` in the same
-        statement.  It is durable once PostgreSQL acknowledges it, or,
+        statement (always durable: other processes recover from it).  It is durable once PostgreSQL acknowledges it, or,
         where every child's database is in the primary's cluster, once
         the first child's commit is (see ``same_cluster``): that cannot
         reach the disk before it."""

@@ -109,8 +109,13 @@ def check_mixed(layout, acknowledged, again=True):
     storage = layout.open()
     try:
         outcome = storage.recovered
-        # no child lost a transaction another holds (damage, not a crash)
-        assert storage.partial == [], [str(p) for p in storage.partial]
+        # A transaction some of its partitions lack, found by its span: one
+        # whose intent was not synced (the first participant's record names
+        # them all), never acknowledged, at most the one being committed.
+        # Anything else would be a child that lost what it had finished.
+        done = {tid for tid, _, _ in acknowledged}
+        assert len(storage.partial) <= 1, [str(p) for p in storage.partial]
+        assert not [p for p in storage.partial if p.tid in done]
         db = ZODB.DB(storage)
         counters = db.open().root()['counters']
         values = {name: counters[name]['n'] for name in NAMES}

@@ -116,9 +116,13 @@ def test_lost_unsynced_writes_with_mixed_transactions(seeded):
 
 def test_power_loss_after_a_cross_partition_then_a_one_partition_commit(
         seeded):
-    """T1 over main and b, then T2 in b only, both acknowledged; the
-    journal's clear after T1 was never synced.  The power loss leaves
-    T1's intent beside b's later T2: recovery keeps both."""
+    """T1 over main and b, then T2 in b only, both acknowledged, then a
+    power loss.  FileStorage children record each transaction's span, so
+    T1's intent was never synced and the power loss leaves none.  Where
+    the first participant keeps no span, the intent is synced and its
+    clear is not: the same power loss leaves T1's intent beside b's later
+    T2, written here as such a composite would have left it.  Recovery
+    keeps both either way."""
     log_path = str(seeded / 'fsync.log')
     baseline = _durable_state(seeded)
     code, acked = run_writer_lines(
@@ -128,7 +132,9 @@ def test_power_loss_after_a_cross_partition_then_a_one_partition_commit(
     _power_loss(seeded, log_path, baseline)
     t1 = acked[0][0]
     journal = Journal(str(seeded / 'main.fs.journal'))
-    # what the power loss left: the intent of T1, never cleared durably
+    assert journal.read() is None           # never synced
+    journal.write_intent(Intent(t1, (0, 1)))
+    journal.close()
     assert journal.read() == Intent(t1, (0, 1))
     # a read-only composite sees T1 and everything after it
     reader = CompositeStorage(
@@ -153,10 +159,40 @@ def test_recover_command_after_the_same_power_loss(seeded, capsys):
         seeded, 2, {'FSYNC_LOG': log_path, 'PLAN': 'main,b;b'})
     assert code == 0
     _power_loss(seeded, log_path, baseline)
+    # the intent a first participant without a span would have synced
+    journal = Journal(str(seeded / 'main.fs.journal'))
+    journal.write_intent(Intent(acked[0][0], (0, 1)))
+    journal.close()
     config = config_file(seeded, {name: str(seeded / (name + '.fs'))
                                   for name in NAMES}, parts=PARTS)
     assert cli_main(['recover', str(config)]) == 0
     assert 'complete' in capsys.readouterr().out
+    check_mixed(seeded, acked)
+
+
+def test_a_crash_between_finishes_with_the_intent_lost(seeded, capsys):
+    """A kill after main finished T over main and b, and b did not, then
+    a power loss: T's intent was never synced (main's record of T names
+    both partitions), so the journal holds nothing.  ``recover --dry-run``
+    names T from main's span; the open takes it back from main."""
+    from compositestorage.cli import main as cli_main
+    from conftest import config_file
+    log_path = str(seeded / 'fsync.log')
+    baseline = _durable_state(seeded)
+    code, acked = run_writer_lines(
+        seeded, 3, {'FSYNC_LOG': log_path, 'PLAN': 'main,b',
+                    'CRASH_AT': 'finished:main:2'})
+    assert code == -signal.SIGKILL and len(acked) == 1
+    _power_loss(seeded, log_path, baseline)
+    assert Journal(str(seeded / 'main.fs.journal')).read() is None
+    config = str(config_file(seeded, {name: str(seeded / (name + '.fs'))
+                                      for name in NAMES}, parts=PARTS))
+    assert cli_main(['recover', '--dry-run', config]) == 0
+    out = capsys.readouterr().out
+    assert 'is missing from b, to be taken back from main' in out, out
+    assert cli_main(['recover', config]) == 0
+    out = capsys.readouterr().out
+    assert 'is missing from b, taken back from main' in out, out
     check_mixed(seeded, acked)
 
 

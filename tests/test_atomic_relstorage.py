@@ -38,6 +38,7 @@ from atomic_checks import check_nothing_to_recover
 from atomic_checks import check_outcome
 from atomic_checks import fork_writer_lines
 from compositestorage.cli import main as cli_main
+from compositestorage.journal import Intent
 from compositestorage.journal import Journal
 from compositestorage.partition import is_internal
 from relstorage_engines import PG_HOST
@@ -241,9 +242,12 @@ def test_lost_unsynced_writes(rig):
 
 
 def test_a_stale_intent_beside_later_one_partition_commits(rig):
-    """T1 over main and b, then T2 in b only, both acknowledged; the
-    journal's unsynced clear is lost to a power loss: recovery keeps
-    both."""
+    """T1 over main and b, then T2 in b only, both acknowledged, then a
+    power loss.  The first participant records the span, so T1's intent
+    was never synced and the loss leaves none; where one keeps no span,
+    the intent is synced and its clear is not, and the loss leaves T1's
+    intent beside b's later T2, written here as that composite would have
+    left it.  Recovery keeps both."""
     directory = rig.layout.directory
     log_path = str(directory / 'fsync.log')
     baseline = _durable_state(directory)
@@ -251,6 +255,10 @@ def test_a_stale_intent_beside_later_one_partition_commits(rig):
     assert code == 0
     assert [names for _, _, names in acked] == [('main', 'b'), ('b',)]
     _power_loss(directory, log_path, baseline)
+    journal = Journal(rig.layout.journal)
+    assert journal.read() is None
+    journal.write_intent(Intent(acked[0][0], (0, 1)))
+    journal.close()
     intent = Journal(rig.layout.journal).read()
     assert intent.tid == acked[0][0] and intent.prefixes == (0, 1)
     outcome = rig.check()

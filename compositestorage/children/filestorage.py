@@ -45,6 +45,7 @@ class FileStorageChild(Child):
 
     kind = 'FileStorage'
     rolls_back = True
+    records_spans = True
     reads_spans = True
     iterates_by_oid = True
     skips_deleted = True

@@ -39,6 +39,11 @@ class Child:
     #: finishes last (see "What holds for each child kind" in
     #: docs/commit-protocol.rst).
     rolls_back = False
+    #: whether the child's record of a transaction keeps its span, durable
+    #: once ``tpc_finish`` returns and read back by
+    #: ``recent_transactions``: then a transaction it finished first needs
+    #: no synced intent (see "One sync fewer" in docs/commit-protocol.rst).
+    records_spans = False
 
     def __init__(self, storage, base):
         self.storage = storage

@@ -202,7 +202,7 @@ class RelStorageChild(Child):
         self._undid = False
         self.keep_history = base._options.keep_history
         self.reads_spans = self.keep_history
-        self.rolls_back = self.keep_history
+        self.rolls_back = self.records_spans = self.keep_history
         self._db = base._adapter
         #: the table that has one row per current object
         self._current = ('current_object' if self.keep_history
