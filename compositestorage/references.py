@@ -1103,9 +1103,12 @@ def _memoized(data, edits, top):
         if end - start in (2, 5) and data[start] in (_H, _J) \
                 and op.startswith(HINT_MARK):
             uses.setdefault(op, []).append(i)
+    # within what the walk allows a PUT of the child's (longer) record, and
+    # what _PID_RE reads back as a GET
+    limit = min(0xFFFF, max(256, len(data) // 2))
     k = top
     for op, where in uses.items():
-        if len(where) < 2 or k > 0xFFFF:
+        if len(where) < 2 or k > limit:
             continue
         put, get = _memo_ops(k)
         start, end, _ = edits[where[0]]

@@ -143,3 +143,18 @@ def test_a_memoized_hint_not_as_stored_is_never_half_restored(broken):
     assert stored.count(HINT_MARK) == 1
     assert b':m1\nq\x01' in stored
     assert references.restore_hints(broken(stored)) is None
+
+
+def test_no_memo_index_beyond_what_a_walk_allows():
+    """A record whose GETs name a memo index far beyond its size (which
+    ZODB never writes) keeps a hint per reference: a PUT of that index in
+    the child would be refused by every later walk of it."""
+    oid_b = b'\x01' + b'\0' * 6 + b'\x05'
+    klass = b'cmy.module\nKlass\n'
+    ref = b'C\x08' + oid_b + b'h\x00\x86Q'
+    far = b'j\xff\xf0\x00\x00'       # a LONG_BINGET of index 61695
+    data = (b'\x80\x03' + klass + b'q\x00.\x80\x03](' + ref * 3 + far
+            + b'e.')
+    stored = to_child_record(data, 0)[0]
+    assert stored.count(HINT_MARK) == 3 and b':m' not in stored
+    assert hints_to_classes(stored, 0, no_lookup) == data
