@@ -261,14 +261,14 @@ _LONG_MEMO = frozenset(map(ord, 'rj'))
 _TEXT_MEMO = frozenset(map(ord, 'pg'))
 
 
-def _census(data, end):
-    """``(persids, top)`` of the pickles in ``data[:end]``, which
-    :func:`walk_python` found well formed: see :func:`walk`."""
-    persids = 0
-    top = 0
+def _opcodes(data, end):
+    """``(code, start, arg, next)`` of each opcode in ``data[:end]``, which
+    a walk found well formed: where it begins, where its argument begins,
+    where the next one begins."""
     pos = 0
     while pos < end:
         code = data[pos]
+        start = pos
         _, kind, n = LAYOUTS[code]
         pos += 1
         arg = pos
@@ -279,6 +279,15 @@ def _census(data, end):
         elif kind == 'lines':
             for _ in range(n):
                 pos = data.index(b'\n', pos) + 1
+        yield code, start, arg, pos
+
+
+def _census(data, end):
+    """``(persids, top)`` of the pickles in ``data[:end]``, which
+    :func:`walk_python` found well formed: see :func:`walk`."""
+    persids = 0
+    top = 0
+    for code, _, arg, pos in _opcodes(data, end):
         if code == _BINPERSID:
             persids += 1
         elif code == _PERSID:
@@ -425,20 +434,7 @@ def _deepest_tuple(data, end):
     stack = []          # nesting depth of each item, or None for a MARK
     memo = {}
     deepest = (0, 0)
-    pos = 0
-    while pos < end:
-        code = data[pos]
-        start = pos
-        _, kind, n = LAYOUTS[code]
-        pos += 1
-        arg = pos
-        if kind == 'fixed':
-            pos += n
-        elif kind == 'counted':
-            pos += n + int.from_bytes(data[pos:pos + n], 'little')
-        elif kind == 'lines':
-            for _ in range(n):
-                pos = data.index(b'\n', pos) + 1
+    for code, start, arg, pos in _opcodes(data, end):
         if code in _TUPLE_OPS:
             count = _TUPLE_OPS[code]
             depth = 0
