@@ -335,6 +335,21 @@ def _timed(results, name, count, func):
                      'rate': count / seconds if seconds > 0 else float('inf')}
 
 
+def time_calls(owner, name, totals, key):
+    """Replace ``owner``'s method ``name`` (on a class, or on one object)
+    with one that adds the seconds each call takes to ``totals[key]``."""
+    method = getattr(owner, name)
+    clock = time.perf_counter
+
+    def timed(*args, **kw):
+        start = clock()
+        try:
+            return method(*args, **kw)
+        finally:
+            totals[key] = totals.get(key, 0.0) + clock() - start
+    setattr(owner, name, timed)
+
+
 def _percentile(sorted_values, q):
     """Nearest-rank percentile of an ascending list."""
     k = max(0, math.ceil(q * len(sorted_values)) - 1)
@@ -975,17 +990,7 @@ class CommitLockTimer:
                 (shared.TableJournal, 'clear', 'clear intent')]
 
     def _time(self, cls, name):
-        method = getattr(cls, name)
-        phases = self.phases
-        clock = time.perf_counter
-
-        def timed(*args, **kw):
-            t0 = clock()
-            try:
-                return method(*args, **kw)
-            finally:
-                phases[name] = phases.get(name, 0.0) + clock() - t0
-        setattr(cls, name, timed)
+        time_calls(cls, name, self.phases, name)
 
     def reset(self):
         self.wait = self.held = 0.0

@@ -52,16 +52,8 @@ class Timers(dict):
     one object."""
 
     def wrap(self, obj, method, step):
-        inner = getattr(obj, method)
-        clock = time.perf_counter
-
-        def timed(*args, **kw):
-            start = clock()
-            try:
-                return inner(*args, **kw)
-            finally:
-                self[step] = self.get(step, 0.0) + clock() - start
-        setattr(obj, method, timed)
+        from bench import time_calls
+        time_calls(obj, method, self, step)
 
 
 def instrument(storage, timers):
