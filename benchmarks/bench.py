@@ -335,6 +335,40 @@ def _timed(results, name, count, func):
                      'rate': count / seconds if seconds > 0 else float('inf')}
 
 
+def chunked(objs, size=100):
+    """``objs`` in persistent lists of ``size``, in one persistent list."""
+    from persistent.list import PersistentList
+    return PersistentList(PersistentList(objs[i:i + size])
+                          for i in range(0, len(objs), size))
+
+
+def cross_pairs(half):
+    """``half`` new sources, each referring to a new target."""
+    sources = [PObject(i) for i in range(half)]
+    targets = [PObject(i) for i in range(half)]
+    for s, t in zip(sources, targets):
+        s.ref = t
+    return sources, targets
+
+
+def cross_add(store, conn, tm, sources, targets, key):
+    """``xadd``: the targets placed in the second partition (or
+    database), the sources under ``xsources`` + ``key``, one commit."""
+    tm.begin()
+    store.place_other(conn, targets)
+    store.home(conn)['xsources' + key] = chunked(sources)
+    tm.commit()
+
+
+def cross_update(tm, sources):
+    """``xupdate``: every source and its target changed, one commit."""
+    tm.begin()
+    for s in sources:
+        s.value += 1
+        s.ref.value += 1
+    tm.commit()
+
+
 def time_calls(owner, name, totals, key):
     """Replace ``owner``'s method ``name`` (on a class, or on one object)
     with one that adds the seconds each call takes to ``totals[key]``."""
@@ -415,14 +449,9 @@ def _one_set(store, n, key, txns=SMALL_TXNS):
     """Every workload once, on new objects under root keys ending in
     ``key``; yields ``(workload, result)`` after each."""
     import transaction
-    from persistent.list import PersistentList
 
     half = max(1, n // 2)
     results = {}
-
-    def chunked(objs, size=100):
-        return PersistentList(PersistentList(objs[i:i + size])
-                              for i in range(0, len(objs), size))
 
     def result(name):
         return name, results[name]
@@ -482,26 +511,12 @@ def _one_set(store, n, key, txns=SMALL_TXNS):
 
     # -- cross references
     conn, tm = new_conn(db)
-    sources = [PObject(i) for i in range(half)]
-    targets = [PObject(i) for i in range(half)]
-    for s, t in zip(sources, targets):
-        s.ref = t
-
-    def xadd():
-        tm.begin()
-        store.place_other(conn, targets)
-        store.home(conn)['xsources' + key] = chunked(sources)
-        tm.commit()
-    _timed(results, 'xadd', 2 * half, xadd)
+    sources, targets = cross_pairs(half)
+    _timed(results, 'xadd', 2 * half,
+           lambda: cross_add(store, conn, tm, sources, targets, key))
     yield result('xadd')
 
-    def xupdate():
-        tm.begin()
-        for s in sources:
-            s.value += 1
-            s.ref.value += 1
-        tm.commit()
-    _timed(results, 'xupdate', 2 * half, xupdate)
+    _timed(results, 'xupdate', 2 * half, lambda: cross_update(tm, sources))
     conn.close()
     sources = targets = None
     yield result('xupdate')

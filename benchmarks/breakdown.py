@@ -79,9 +79,10 @@ def instrument(storage, timers):
 def run_once(kind, n, transactions):
     """``{workload: {'seconds': s, step: s, ...}}`` for one storage."""
     import transaction
-    from persistent.list import PersistentList
-    from bench import PObject
     from bench import Store
+    from bench import cross_add
+    from bench import cross_pairs
+    from bench import cross_update
 
     directory = tempfile.mkdtemp(prefix='csbreakdown-')
     store = Store(kind, directory, cache_size=4 * n)
@@ -95,31 +96,13 @@ def run_once(kind, n, transactions):
         tm = transaction.TransactionManager(explicit=True)
         conn = db.open(tm)
         half = n // 2
-        sources = [PObject(i) for i in range(half)]
-        targets = [PObject(i) for i in range(half)]
-        for source, target in zip(sources, targets):
-            source.ref = target
+        sources, targets = cross_pairs(half)
 
         def timed(name, func):
             timers.clear()
             start = time.perf_counter()
             func()
             out[name] = dict(timers, seconds=time.perf_counter() - start)
-
-        def xadd():
-            tm.begin()
-            store.place_other(conn, targets)
-            conn.root()['xsources'] = PersistentList(
-                PersistentList(sources[i:i + 100])
-                for i in range(0, half, 100))
-            tm.commit()
-
-        def xupdate():
-            tm.begin()
-            for source in sources:
-                source.value += 1
-                source.ref.value += 1
-            tm.commit()
 
         def small2():
             for i in range(transactions):
@@ -129,8 +112,9 @@ def run_once(kind, n, transactions):
                 source.ref.value += 1
                 tm.commit()
 
-        timed('xadd', xadd)
-        timed('xupdate', xupdate)
+        timed('xadd', lambda: cross_add(store, conn, tm, sources, targets,
+                                        ''))
+        timed('xupdate', lambda: cross_update(tm, sources))
         timed('small2', small2)
         conn.close()
     finally:
