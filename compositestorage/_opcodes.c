@@ -5,10 +5,10 @@
  * returns where the last one ends (with want_starts, a pair of that and the
  * list of offsets where opcodes.walk would try its reference pattern; with
  * census, also the count of BINPERSIDs, -1 for a text PERSID, and one more
- * than the highest memo index named, as opcodes._census counts them).  It returns
- * None for anything else: an error, or a case it leaves to the Python walk
- * (a text PUT, a LONG_BINPUT beyond memo_limit), which then decides and
- * raises exactly as it always has.  So this module only ever answers for a
+ * than the highest memo index named, as opcodes._census counts them).  It
+ * returns None for anything else: an error, or a case it leaves to the
+ * Python walk (a text PUT, with census a text GET, a LONG_BINPUT beyond
+ * memo_limit), which then decides and raises exactly as it always has.  So this module only ever answers for a
  * record the Python walk accepts, with the Python walk's own answer.
  *
  * `layouts` is 512 bytes made by opcodes.py from pickletools: for each
