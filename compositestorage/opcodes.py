@@ -434,7 +434,22 @@ def _deepest_tuple(data, end):
     stack = []          # nesting depth of each item, or None for a MARK
     memo = {}
     deepest = (0, 0)
-    for code, start, arg, pos in _opcodes(data, end):
+    pos = 0
+    # the loop of _opcodes, inline: a generator step per opcode makes this,
+    # which a hostile record can make long, half as slow again
+    while pos < end:
+        code = data[pos]
+        start = pos
+        _, kind, n = LAYOUTS[code]
+        pos += 1
+        arg = pos
+        if kind == 'fixed':
+            pos += n
+        elif kind == 'counted':
+            pos += n + int.from_bytes(data[pos:pos + n], 'little')
+        elif kind == 'lines':
+            for _ in range(n):
+                pos = data.index(b'\n', pos) + 1
         if code in _TUPLE_OPS:
             count = _TUPLE_OPS[code]
             depth = 0
