@@ -990,7 +990,7 @@ class CommitLockTimer:
         shared.SharedState.begin_commit = begin_commit
         shared.SharedState.end_commit = end_commit
         for cls, name, _ in self.phase_methods():
-            self._time(cls, name)
+            time_calls(cls, name, self.phases, name)
 
     @staticmethod
     def phase_methods():
@@ -1003,9 +1003,6 @@ class CommitLockTimer:
                 (shared.TableJournal, 'write_intent', 'intent'),
                 (commit.Coordinator, '_finish_children', 'finish children'),
                 (shared.TableJournal, 'clear', 'clear intent')]
-
-    def _time(self, cls, name):
-        time_calls(cls, name, self.phases, name)
 
     def reset(self):
         self.wait = self.held = 0.0

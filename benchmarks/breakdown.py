@@ -43,6 +43,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from bench import Store  # noqa: E402
+from bench import cross_add  # noqa: E402
+from bench import cross_pairs  # noqa: E402
+from bench import cross_update  # noqa: E402
+from bench import time_calls  # noqa: E402
+
 STEPS = ('store', 'rewrite', 'child stores', 'stubs', 'child votes',
          'intent', 'child finishes')
 
@@ -52,7 +58,6 @@ class Timers(dict):
     one object."""
 
     def wrap(self, obj, method, step):
-        from bench import time_calls
         time_calls(obj, method, self, step)
 
 
@@ -79,10 +84,6 @@ def instrument(storage, timers):
 def run_once(kind, n, transactions):
     """``{workload: {'seconds': s, step: s, ...}}`` for one storage."""
     import transaction
-    from bench import Store
-    from bench import cross_add
-    from bench import cross_pairs
-    from bench import cross_update
 
     directory = tempfile.mkdtemp(prefix='csbreakdown-')
     store = Store(kind, directory, cache_size=4 * n)

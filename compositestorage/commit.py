@@ -464,11 +464,9 @@ class Coordinator:
             # intent, writing it takes this lock
             storage._shared.hold_finish()
         if journal is not None:
-            # A shared composite's processes recover from the intent; a
-            # writer's open can recover from the first child's span alone.
+            # an open can recover from the first participant's span alone
             self._write_intent(state, named, journal,
-                               durable=storage._shared is not None
-                               or not parts[0].child.records_spans)
+                               durable=not parts[0].child.records_spans)
         finished, error = self._finish_children(state, parts)
         if error is not None and not self._finished_anyway(state, named,
                                                            finished):

@@ -91,10 +91,9 @@ def stub_hint(klass, how=''):
     GETs of a class the record named before, each of which would otherwise
     spell it again.
     """
-    if klass and how[:1] in ('h', 'j') and not is_stub_hint(klass):
-        # the GET it replaced is all a load needs; the stub names the class
-        return (STUB_MODULE, HINT_PREFIX + '::' + how)
     if klass and not is_stub_hint(klass):
+        if how[:1] in ('h', 'j'):
+            return (STUB_MODULE, HINT_PREFIX + '::' + how)
         module, name = klass
         if module and name and ':' not in module and ':' not in name \
                 and '\n' not in module and '\n' not in name:
@@ -392,16 +391,11 @@ def restore_hints(data):
     for part in parts[1:]:
         end = part.find(b'\n')
         header = part[:end]
-        try:
-            original = _restorations[header]
-        except KeyError:
-            original = _restoration(header) if end > 0 else None
-            if original is None:
-                if _memo_restoration(header) is not None:
-                    return _restore_memoized(data)
-                return None
-            if len(_restorations) < 10000:
-                _restorations[header] = original
+        original = _cached_restoration(header) if end > 0 else None
+        if original is None:
+            if end > 0 and _memo_restoration(header) is not None:
+                return _restore_memoized(data, parts)
+            return None
         if original is _POP:
             if not out[-1].endswith(b'0'):
                 return None
@@ -410,6 +404,18 @@ def restore_hints(data):
             out.append(original)
         out.append(part[end + 1:])
     return b''.join(out)
+
+
+def _cached_restoration(header):
+    """:func:`_restoration`, cached: most hints replace the same few
+    bytes."""
+    try:
+        return _restorations[header]
+    except KeyError:
+        original = _restoration(header)
+        if original is not None and len(_restorations) < 10000:
+            _restorations[header] = original
+        return original
 
 
 def _memo_restoration(header):
@@ -424,18 +430,18 @@ def _memo_restoration(header):
     return original, int(k, 16)
 
 
-def _restore_memoized(data):
+def _restore_memoized(data, parts):
     """:func:`restore_hints` for a record with memoized hints (see
-    :func:`_memoized`): each hint and the PUT after it, and each GET of its
-    memo index, found by walking the record's opcodes, give back the
-    bytes they replaced.  ``None`` if the record is not as stored."""
+    :func:`_memoized`), split at its hints (``parts``): each hint and the
+    PUT after it, and each GET of its memo index, found by walking the
+    record's opcodes, give back the bytes they replaced.  ``None`` if the
+    record is not as stored."""
     try:
         _, matches = walk(data, refs=_PID_RE)
     except CorruptRecordError:
         return None
     edits = []
     memo = {}
-    parts = data.split(HINT_MARK)
     at = len(parts[0])
     for part in parts[1:]:
         end = part.find(b'\n')
@@ -452,7 +458,7 @@ def _restore_memoized(data):
             memo[k] = original
             edits.append((at, op_end + len(put), original))
         else:
-            original = _restoration(header)
+            original = _cached_restoration(header)
             if original is None:
                 return None
             if original is _POP:
@@ -1089,7 +1095,7 @@ def _memoized(data, edits, top):
     than once written in full only the first time, then memoized.
 
     A container full of references to one class in another partition
-    would otherwise spell the same 70-byte hint for every entry, where
+    would otherwise spell the same 44-byte hint for every entry, where
     ZODB's own pickle spends a 2-byte GET.  The first use becomes the
     hint, with ``:m`` and a memo index in hex added to its name, followed
     by a PUT of that index; every later use becomes a GET of it.  The

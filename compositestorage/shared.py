@@ -346,8 +346,8 @@ class TableJournal:
 
     def write_intent(self, intent, durable=True):
         """Take the finish lock, and commit ``intent`` in the same
-        statement, whatever ``durable`` says: other processes recover
-        from it.  It is durable once PostgreSQL acknowledges it, or, where
+        statement, durable whatever ``durable`` says: other processes
+        recover from it while this one runs, not only an open.  It is durable once PostgreSQL acknowledges it, or, where
         every child's database is in the primary's cluster, once the first
         child's commit is (see ``same_cluster``): that cannot reach the
         disk before it."""

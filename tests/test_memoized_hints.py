@@ -96,7 +96,8 @@ def test_the_exact_parse_restores_the_same(tmp_path, monkeypatch):
     as stored), the stack-tracking parse gives the same bytes."""
     oid, zodb, paths = build_holder(tmp_path, count=300)
     stored = child_records(paths['main'])[oid]
-    monkeypatch.setattr(references, '_restore_memoized', lambda data: None)
+    monkeypatch.setattr(references, '_restore_memoized',
+                        lambda data, parts: None)
     assert hints_to_classes(stored, 0, no_lookup) == zodb
 
 
